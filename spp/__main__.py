@@ -1,0 +1,3 @@
+from spp.cli import main
+
+main()

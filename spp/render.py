@@ -1,0 +1,122 @@
+"""Draw SPPs: three panels against depth, the user's curves over the reference curves.
+
+Only this module imports matplotlib (with the Agg backend unless one is already chosen), so recording and the CLI
+stay light until a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from spp.record import Record
+
+PANELS = (
+    ("avg_sq_mean", "Average channel squared mean"),
+    ("avg_var", "Average channel variance"),
+    ("res_avg_var", "Residual average channel variance"),
+)
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+XAxis = Literal["block", "relative"]
+
+# The references keep fixed, muted colours so a user's curve always stands out in the same way.
+REFERENCE_STYLE = {
+    "bn_relu": {"color": "#1f77b4", "label": "BN-ReLU-Conv"},
+    "relu_bn": {"color": "#ff7f0e", "label": "ReLU-BN-Conv"},
+    "nf_resnet": {"color": "#2ca02c", "label": "NF-ResNet (Scaled WS)"},
+}
+
+
+def _matplotlib():
+    import matplotlib
+
+    if "matplotlib.pyplot" not in __import__("sys").modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _xs(rec: Record, x: XAxis) -> list[float]:
+    blocks = [float(r["block"]) for r in rec.rows]
+    if x == "relative":
+        last = max(blocks[-1], 1.0)
+        return [b / last for b in blocks]
+    return blocks
+
+
+def _reference_style(rec: Record) -> dict:
+    family = str(rec.settings.get("family", ""))
+    for key, style in REFERENCE_STYLE.items():
+        if family.startswith(key):
+            depth = rec.settings.get("depth", "")
+            return {"color": style["color"], "label": f"{style['label']} {depth}".strip()}
+    return {"color": "0.6", "label": rec.label}
+
+
+def _spans_decades(values: Sequence[float]) -> bool:
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    return bool(positive) and max(positive) / min(positive) >= 100.0
+
+
+def plot(
+    records: Record | Sequence[Record],
+    *,
+    references: Sequence[Record] = (),
+    x: XAxis = "block",
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    axes=None,
+):
+    """Draw ``records`` (bold, in front) over ``references`` (thin, behind); returns the matplotlib Figure.
+
+    Stage ends are dotted verticals in each curve's colour; a panel goes to log scale when its values span two
+    decades or more; a record whose rows carry ``expected_var`` (NF-ResNets) gets a dashed theory line.
+    """
+    plt = _matplotlib()
+    records = [records] if isinstance(records, Record) else list(records)
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    else:
+        fig = axes[0].figure
+    labels = list(labels) if labels is not None else [r.label for r in records]
+    user_colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    user_colors = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", *user_colors]
+
+    curves = [(rec, _reference_style(rec), False) for rec in references]
+    for i, rec in enumerate(records):
+        curves.append((rec, {"color": user_colors[i % len(user_colors)], "label": labels[i]}, True))
+
+    for ax, (key, heading) in zip(axes, PANELS, strict=True):
+        values: list[float] = []
+        for rec, style, is_user in curves:
+            xs, ys = _xs(rec, x), rec.column(key)
+            values += ys
+            ax.plot(xs, ys, color=style["color"], label=style["label"], lw=2.0 if is_user else 1.2,
+                    alpha=1.0 if is_user else 0.75, zorder=3 if is_user else 2)
+            for end in rec.stage_ends[:-1]:
+                ax.axvline(_xs(rec, x)[end], color=style["color"], ls=":", lw=0.8, alpha=0.6, zorder=1)
+            if key == "avg_var" and any(math.isfinite(v) for v in rec.column("expected_var")):
+                theory = rec.column("expected_var")
+                values += theory
+                ax.plot(xs, theory, color=style["color"], ls="--", lw=1.0, alpha=0.9, zorder=2,
+                        label=f"{style['label']}: expected (beta bookkeeping)")
+        if _spans_decades(values):
+            ax.set_yscale("log")
+        ax.set_title(heading)
+        ax.set_xlabel("relative depth" if x == "relative" else "block index (0 = stem)")
+        ax.grid(alpha=0.25)
+    axes[0].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig, path: str) -> None:
+    """Write ``fig`` to ``path`` atomically (PNG/SVG/PDF by suffix): a temp file beside it, then a rename."""
+    from spp.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.rsplit(".", 1)[-1].lower())
+    _matplotlib().close(fig)
