@@ -1,8 +1,9 @@
 """Find a model's residual blocks and where to read each one's output and residual branch.
 
-Rules are tried on every module in ``named_modules`` order; the first rule that claims a module turns it into one
-or more taps and its children are not searched further. ``--blocks`` patterns replace the rules' choice of
+Rules are tried on every module in ``named_modules`` order; the first rule that claims a module turns it into
+one or more taps and its children are not searched further. ``--blocks`` patterns replace the rules' choice of
 modules; ``--residual-tap`` replaces their choice of branch. Stage = the container holding the block.
+Third-party families and the traced fallback live in ``spp.families``, imported at the bottom of this module.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from spp.errors import SppError
 from spp.taps import Difference, Site, Tap
-
 
 Rule = Callable[[str, nn.Module], "Sequence[Tap] | None"]
 
@@ -39,11 +40,18 @@ def spp_native(name: str, module: nn.Module) -> list[Tap] | None:
 
 
 RULES: list[tuple[str, Rule]] = [("spp", spp_native)]
+# Tried after every rule in RULES, so a rule registered later still wins over the generic guesses.
+FALLBACK_RULES: list[tuple[str, Rule]] = []
 
 
-def register_rule(label: str, rule: Rule, *, first: bool = False) -> None:
-    """Add a discovery rule (``first=True`` to try it before the built-in ones)."""
-    RULES.insert(0, (label, rule)) if first else RULES.append((label, rule))
+def register_rule(label: str, rule: Rule, *, first: bool = False, fallback: bool = False) -> None:
+    """Add a discovery rule: ``first=True`` tries it before the built-in ones, ``fallback=True`` after all."""
+    if fallback:
+        FALLBACK_RULES.append((label, rule))
+    elif first:
+        RULES.insert(0, (label, rule))
+    else:
+        RULES.append((label, rule))
 
 
 def _parent(name: str) -> str:
@@ -54,9 +62,9 @@ def _by_patterns(model: nn.Module, patterns: Sequence[str]) -> list[Tap]:
     """Blocks chosen by fnmatch patterns on qualified names; the outermost match wins over its children."""
     chosen: list[str] = []
     for name, _ in model.named_modules():
-        if name and any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            if not any(name.startswith(c + ".") for c in chosen):
-                chosen.append(name)
+        matched = name and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        if matched and not any(name.startswith(c + ".") for c in chosen):
+            chosen.append(name)
     if not chosen:
         raise SppError(f"--blocks {' '.join(patterns)} matched no module; see the names with `spp blocks`")
     modules = dict(model.named_modules())
@@ -69,12 +77,13 @@ def _by_patterns(model: nn.Module, patterns: Sequence[str]) -> list[Tap]:
             taps.extend(replace(t, rule=f"--blocks + {t.rule}") for t in auto)
         else:
             taps.append(Tap(name=name, module=name, stage=-1, output=Site(name),
-                            residual=Difference(Site(name), Site(name, "input")), rule="--blocks (output - input)"))
+                            residual=Difference(Site(name), Site(name, "input")),
+                            rule="--blocks (output - input)"))
     return taps
 
 
 def _apply_rules(name: str, module: nn.Module) -> list[Tap] | None:
-    for _label, rule in RULES:
+    for _label, rule in (*RULES, *FALLBACK_RULES):
         found = rule(name, module)
         if found:
             return list(found)
@@ -115,6 +124,11 @@ def find_taps(
     """The SPP's points: the stem (the first block's input), then every residual block in forward order."""
     if isinstance(blocks, str):
         blocks = [blocks]
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SppError(
+            "TorchScript models run their forward in C++, where forward hooks never fire; "
+            "save the model with torch.export (a .pt2 file) or pass its Python code as FILE.py:FACTORY"
+        )
     taps = _by_patterns(model, blocks) if blocks else _by_rules(model)
     if not taps:
         raise SppError(
@@ -128,7 +142,8 @@ def find_taps(
     for t in taps:
         container = _parent(t.module)
         stage = stage_of.setdefault(container, len(stage_of) + 1)
-        staged.append(replace(t, stage=stage, channel_dim=channel_dim if channel_dim is not None else t.channel_dim))
+        dim = channel_dim if channel_dim is not None else t.channel_dim
+        staged.append(replace(t, stage=stage, channel_dim=dim))
     first = staged[0]
     stem = Tap(
         name="stem",
@@ -150,3 +165,7 @@ def stage_ends(taps: Sequence[Tap]) -> list[int]:
         if i > 0 and (i + 1 == len(taps) or taps[i + 1].stage != t.stage):
             ends.append(i)
     return ends
+
+
+# Third-party families (timm, torchvision) and the traced fallback register themselves on import.
+from spp import families  # noqa: E402, F401

@@ -21,7 +21,7 @@ from torch import nn
 
 from spp.discovery import find_taps, stage_ends
 from spp.errors import SppError
-from spp.moments import ChannelMoments
+from spp.moments import ChannelMoments, channel_axis, channel_stats, finalize_many, merge_many
 from spp.record import Record
 from spp.taps import Difference, Site, Tap
 
@@ -91,6 +91,10 @@ class SignalRecorder:
     ``mode=None`` (default) leaves the model as it is, for use inside a training loop; ``"train"`` or ``"eval"``
     sets it for the duration and restores flags and buffers (bitwise) on exit, also when the forward raises.
     Hooks are always removed on exit. ``snapshot()`` returns the Record so far; ``reset()`` starts a new one.
+
+    Cost per hooked tensor: a two-pass per-channel mean / M2 on its device (``spp.moments.channel_stats``), no
+    host sync, no autograd graph, no copy kept. The C-sized Chan merges of all taps run batched once per forward
+    (a hook on the model itself), or at ``snapshot()``/``moments()`` when the blocks are called some other way.
     """
 
     def __init__(
@@ -111,16 +115,30 @@ class SignalRecorder:
         self.settings = dict(settings or {})
         self._state = _ModelState(model, mode)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._pending: dict[Site, torch.Tensor] = {}
+        self._stash: dict[Site, torch.Tensor] = {}
+        # (0 = output / 1 = residual, tap index, n, mean, m2) per hooked tensor, merged by _flush
+        self._pending: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
         self.reset()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything recorded so far (the hooks stay)."""
-        self.outputs = [ChannelMoments() for _ in self.taps]
-        self.residuals = [ChannelMoments() for _ in self.taps]
+        self._pending.clear()
+        self._moments = ([ChannelMoments() for _ in self.taps], [ChannelMoments() for _ in self.taps])
         self.samples = 0
         self.batches = 0
+
+    @property
+    def outputs(self) -> list[ChannelMoments]:
+        """Per tap, the moments of the block output."""
+        self._flush()
+        return self._moments[0]
+
+    @property
+    def residuals(self) -> list[ChannelMoments]:
+        """Per tap, the moments of the residual branch (never updated for the stem)."""
+        self._flush()
+        return self._moments[1]
 
     def __enter__(self) -> SignalRecorder:
         try:
@@ -139,7 +157,7 @@ class SignalRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._pending.clear()
+        self._stash.clear()
         self._state.restore()
 
     # ---- hooks -------------------------------------------------------------------------------------------------
@@ -153,68 +171,67 @@ class SignalRecorder:
             consumers.setdefault(site, []).append(fn)
 
         for i, tap in enumerate(self.taps):
-            add(tap.output, self._updater(self.outputs[i], tap.channel_dim))
+            add(tap.output, self._updater(0, i, tap.channel_dim))
             if isinstance(tap.residual, Site):
-                add(tap.residual, self._updater(self.residuals[i], tap.channel_dim))
+                add(tap.residual, self._updater(1, i, tap.channel_dim))
             elif isinstance(tap.residual, Difference):
                 add(tap.residual.subtrahend, self._stasher(tap.residual.subtrahend))
-                add(tap.residual.minuend, self._differ(self.residuals[i], tap.residual.subtrahend, tap.channel_dim))
+                add(tap.residual.minuend, self._differ(i, tap.residual.subtrahend, tap.channel_dim))
 
         for site, fns in consumers.items():
             module = modules[site.module]
             if site.kind == "input":
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(fns), with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(_pre_hook(fns), with_kwargs=True))
             else:
-                self._handles.append(module.register_forward_hook(self._post_hook(fns)))
+                self._handles.append(module.register_forward_hook(_post_hook(fns)))
         self._handles.append(self.model.register_forward_pre_hook(self._count_batch, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
 
-    @staticmethod
-    def _updater(moments: ChannelMoments, channel_dim: int | None) -> Callable[[torch.Tensor], None]:
+    def _updater(self, which: int, i: int, channel_dim: int | None) -> Callable[[torch.Tensor], None]:
+        pending = self._pending
+
         def update(x: torch.Tensor) -> None:
-            moments.update(x.detach(), channel_dim)
+            n, mean, m2 = channel_stats(x, channel_axis(x, channel_dim))
+            pending.append((which, i, n, mean, m2))
 
         return update
 
     def _stasher(self, site: Site) -> Callable[[torch.Tensor], None]:
-        def stash(x: torch.Tensor) -> None:
-            self._pending[site] = x.detach()
+        stash = self._stash
 
-        return stash
+        def keep(x: torch.Tensor) -> None:
+            stash[site] = x
 
-    def _differ(self, moments: ChannelMoments, site: Site, channel_dim: int | None) -> Callable[[torch.Tensor], None]:
+        return keep
+
+    def _differ(self, i: int, site: Site, channel_dim: int | None) -> Callable[[torch.Tensor], None]:
+        stash, pending = self._stash, self._pending
+
         def differ(x: torch.Tensor) -> None:
-            shortcut = self._pending.pop(site, None)
+            shortcut = stash.pop(site, None)
             if shortcut is not None and shortcut.shape == x.shape:
-                moments.update(x.detach() - shortcut, channel_dim)
+                branch = x - shortcut
+                n, mean, m2 = channel_stats(branch, channel_axis(branch, channel_dim))
+                pending.append((1, i, n, mean, m2))
 
         return differ
-
-    @staticmethod
-    def _pre_hook(fns: list[Callable[[torch.Tensor], None]]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _first_tensor(args) if args else _first_tensor(kwargs)
-            if x is not None:
-                with torch.no_grad():
-                    for fn in fns:
-                        fn(x)
-
-        return hook
-
-    @staticmethod
-    def _post_hook(fns: list[Callable[[torch.Tensor], None]]):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = _first_tensor(output)
-            if x is not None:
-                with torch.no_grad():
-                    for fn in fns:
-                        fn(x)
-
-        return hook
 
     def _count_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = _first_tensor(args) if args else _first_tensor(kwargs)
         self.samples += int(x.shape[0]) if x is not None and x.ndim else 0
         self.batches += 1
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._stash.clear()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Merge the moments of every tensor hooked since the last flush, in the order they were seen."""
+        if not self._pending:
+            return
+        pending, lists = list(self._pending), self._moments
+        self._pending.clear()
+        merge_many([(lists[which][i], n, mean, m2) for which, i, n, mean, m2 in pending])
 
     # ---- results -----------------------------------------------------------------------------------------------
     def moments(self) -> list[tuple[ChannelMoments, ChannelMoments]]:
@@ -223,9 +240,10 @@ class SignalRecorder:
 
     def snapshot(self) -> Record:
         """The Record of everything seen since the last ``reset``; the moments move to the host once, here."""
+        summaries = finalize_many([*self.outputs, *self.residuals])
+        n = len(self.taps)
         rows = []
-        for i, (tap, out, res) in enumerate(zip(self.taps, self.outputs, self.residuals, strict=True)):
-            o, r = out.finalize(), res.finalize()
+        for i, (tap, o, r) in enumerate(zip(self.taps, summaries[:n], summaries[n:], strict=True)):
             nonfinite = o.nonfinite_channels + r.nonfinite_channels
             note = tap.note
             if tap.residual is not None and r.count and r.avg_var == 0.0 and r.avg_sq_mean == 0.0:
@@ -259,6 +277,48 @@ class SignalRecorder:
             **self.settings,
         }
         return Record(rows=rows, stage_ends=stage_ends(self.taps), settings=settings)
+
+
+def _pre_hook(fns: list[Callable[[torch.Tensor], None]]):
+    if len(fns) == 1:
+        fn = fns[0]
+
+        def hook1(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _first_tensor(args) if args else _first_tensor(kwargs)
+            if x is not None:
+                fn(x.detach())
+
+        return hook1
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _first_tensor(args) if args else _first_tensor(kwargs)
+        if x is not None:
+            x = x.detach()
+            for f in fns:
+                f(x)
+
+    return hook
+
+
+def _post_hook(fns: list[Callable[[torch.Tensor], None]]):
+    if len(fns) == 1:
+        fn = fns[0]
+
+        def hook1(module: nn.Module, args: tuple, output: Any) -> None:
+            x = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+            if x is not None:
+                fn(x.detach())
+
+        return hook1
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        x = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+        if x is not None:
+            x = x.detach()
+            for f in fns:
+                f(x)
+
+    return hook
 
 
 def _spp_version() -> str:

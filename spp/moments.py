@@ -1,15 +1,32 @@
 """Per-channel count / mean / M2, streamed over micro-batches and merged exactly (Chan et al., 1979).
 
-A forward hook calls ``update`` with an activation: a two-pass mean / M2 over the non-channel axes in float32 or
-better, then a C-sized merge on the activation's device. No activation is kept, nothing is copied to
-the host until ``finalize``, and ``merge`` combines moments from other micro-batches or processes exactly.
+A forward hook hands an activation to ``channel_stats``: a two-pass mean / M2 over the non-channel axes in
+float32 or better (the activation's own dtype when it is float64), computed on the activation's device with no
+host sync. Those per-batch moments merge into running ones in float64 (float32 on MPS) with Chan's update, one
+tap at a time (``ChannelMoments.update``/``merge``) or many taps at once (``merge_many``, what the recorder does
+after each forward). Nothing is copied to the host until ``finalize``; ``state``/``from_state`` hand the moments
+to ``torch.save`` or to ``torch.distributed`` collectives (``spp.distributed``).
+
+Why two passes and not sum / sum of squares: the variance from sum-of-squares cancels catastrophically when a
+channel's mean is large against its spread (a mean-shifted net, the very thing an SPP shows), and a shift does
+not help unless it is subtracted before squaring, which costs the same activation-sized temporary as the second
+pass. On CPU the reductions are laid out by shape (a contiguous (outer, C, inner) view, summed over its longer
+axis first), which is several times faster than one reduction over non-adjacent axes when the spatial extent
+is small; ``torch.var_mean`` (Welford) is 10-50x slower there. On CUDA one fused ``var_mean`` kernel is best.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Inner (spatial) extents at least this long are summed first; shorter ones after the batch axis (CPU only).
+_INNER_FIRST = 32
+# Inner extents this short (but > 1) use torch.batch_norm_update_stats (CPU only).
+_BN_INNER = 4
 
 
 def channel_axis(x: torch.Tensor, channel_dim: int | None) -> int:
@@ -28,8 +45,74 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _sum_rows(v: torch.Tensor, outer: int, channels: int, inner: int) -> torch.Tensor:
+    """Sum of a contiguous (outer, C, inner) tensor over its outer and inner axes -> (C,)."""
+    if inner == 1:
+        return v.view(outer, channels).sum(0)
+    if outer == 1:
+        return v.view(channels, inner).sum(1)
+    if inner >= _INNER_FIRST:
+        return v.view(outer, channels, inner).sum(2).sum(0)
+    return v.view(outer, channels * inner).sum(0).view(channels, inner).sum(1)
+
+
+def channel_stats(x: torch.Tensor, axis: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(values per channel, per-channel mean, per-channel M2 = sum of squared deviations) of ``x`` along ``axis``.
+
+    Mean and M2 are 1-D, on ``x``'s device, in float32 (float64 for float64 input; half / bfloat16 / integer
+    input is widened to float32 first). Exact two-pass; ``x`` is not modified and is never copied to the host.
+    """
+    if x.dtype is not torch.float32 and x.dtype is not torch.float64:
+        x = x.float()
+    shape = x.shape
+    channels = shape[axis]
+    n = x.numel() // channels if channels else 0
+    if n == 0:
+        raise ValueError(f"cannot take channel statistics of an empty tensor of shape {tuple(shape)}")
+    if x.device.type == "cuda":
+        dims = [d for d in range(x.ndim) if d != axis]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)  # one fused Welford kernel
+        return n, mean, var * n
+    outer = math.prod(shape[:axis])
+    inner = n // outer
+    if not x.is_contiguous():
+        if axis == 1 and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            x = x.permute(0, 2, 3, 1)  # a view: NHWC in memory
+            outer, inner = n, 1
+        elif axis == 1 and x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            x = x.permute(0, 2, 3, 4, 1)
+            outer, inner = n, 1
+        else:
+            x = x.contiguous()
+    if 1 < inner <= _BN_INNER and outer > 1 and x.device.type == "cpu":
+        # Tiny spatial extent (a last stage at low resolution): BatchNorm's own stats kernel, two passes with
+        # double accumulation in one call, beats six small kernels. Not for inner == 1, where it sums in float.
+        mean, var = torch.batch_norm_update_stats(x.view(outer, channels, inner), None, None, 0.0)
+        return n, mean, var * n
+    mean = _sum_rows(x, outer, channels, inner).div_(n)
+    v = x.view(outer, channels, inner)
+    # (x - mean)^2 in one elementwise pass (mse_loss without reduction: bitwise (x - mean).square_()).
+    sq_dev = _squared_difference(v, mean.view(1, channels, 1).expand_as(v))
+    return n, mean, _sum_rows(sq_dev, outer, channels, inner)
+
+
+try:
+    from torch._C._nn import mse_loss as _mse_loss
+
+    def _squared_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _mse_loss(a, b, 0)  # 0 = reduction "none"
+
+except ImportError:  # pragma: no cover - private binding moved: the public functional does the same
+
+    def _squared_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(a, b, reduction="none")
+
+
 class ChannelMoments:
-    """Running per-channel moments of one tap. ``count`` is a Python int, so updates never sync with the device."""
+    """Running per-channel moments of one tap. ``count`` is a Python int, so updates never sync with the device.
+
+    ``mean`` and ``m2`` are owned by this object and updated in place.
+    """
 
     __slots__ = ("count", "m2", "mean")
 
@@ -39,60 +122,154 @@ class ChannelMoments:
         self.m2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, channel_dim: int | None = None) -> None:
-        axis = channel_axis(x, channel_dim)
-        dims = tuple(d for d in range(x.ndim) if d != axis)
-        n = x.numel() // x.shape[axis]
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()  # half / bfloat16 / int: statistics in float32 at least
-        # Two-pass (mean, then squared deviations): exact where sum-of-squares cancels, and on CPU several times
-        # faster than torch.var_mean over non-contiguous axes. One transient tensor the size of x, freed at once.
-        mean = x.mean(dim=dims, keepdim=True)
-        m2 = (x - mean).square_().sum(dim=dims)
-        acc = accumulation_dtype(x.device)
-        self._merge(n, mean.reshape(-1).to(acc), m2.to(acc))
+        """Fold a tensor in: statistics over every axis but the channel axis."""
+        n, mean, m2 = channel_stats(x, channel_axis(x, channel_dim))
+        self.add(n, mean, m2)
+
+    def add(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Fold in the moments of ``n`` more values per channel (e.g. from ``channel_stats``)."""
+        if n <= 0:
+            return
+        with torch.inference_mode(False):  # running moments stay normal tensors, updatable in any mode
+            self._add(n, mean, m2)
+
+    def _add(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.count == 0:
+            acc = accumulation_dtype(mean.device)
+            self.count, self.mean, self.m2 = n, _owned(mean, acc), _owned(m2, acc)
+            return
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"channel count changed between batches: {self.mean.shape[0]} then {mean.shape[0]}")
+        w_mean, w_m2 = _weights(self.count, n)
+        mean = mean.to(self.mean.device, self.mean.dtype)
+        delta = mean - self.mean
+        self.m2.add_(m2.to(self.m2.device, self.m2.dtype)).addcmul_(delta, delta, value=w_m2)
+        self.mean.add_(delta.mul_(w_mean))
+        self.count += n
 
     def merge(self, other: ChannelMoments) -> None:
+        """Fold in another tap's moments (other micro-batches, another process); ``other`` is left unchanged."""
         if other.count:
-            self._merge(other.count, other.mean.to(self.mean.device if self.mean is not None else other.mean.device),
-                        other.m2.to(self.m2.device if self.m2 is not None else other.m2.device))
-
-    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        if mean_b.shape != self.mean.shape:
-            raise ValueError(f"channel count changed between batches: {self.mean.shape[0]} then {mean_b.shape[0]}")
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta * delta * (n_a * n_b / n)
-        self.count = n
+            self.add(other.count, other.mean, other.m2)
 
     def finalize(self) -> Summary:
         """Move to the host once and reduce to the SPP scalars."""
         if self.count == 0:
             return Summary(0, float("nan"), float("nan"), 0, 0)
-        mean = self.mean.detach().to("cpu", torch.float64)
-        var = self.m2.detach().to("cpu", torch.float64) / self.count
-        nonfinite = int((~torch.isfinite(mean) | ~torch.isfinite(var)).sum())
-        return Summary(
-            count=self.count,
-            avg_sq_mean=float((mean * mean).mean()),
-            avg_var=float(var.mean()),
-            channels=int(mean.numel()),
-            nonfinite_channels=nonfinite,
-        )
+        return _summary(self.count, self.mean.detach().to("cpu", torch.float64),
+                        self.m2.detach().to("cpu", torch.float64))
 
     def state(self) -> dict:
-        """Plain tensors for saving or for ``torch.distributed`` collectives."""
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+        """Plain tensors for saving or for ``torch.distributed`` collectives (copies: safe to keep)."""
+        return {
+            "count": self.count,
+            "mean": None if self.mean is None else self.mean.clone(),
+            "m2": None if self.m2 is None else self.m2.clone(),
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> ChannelMoments:
         m = cls()
-        m.count, m.mean, m.m2 = int(state["count"]), state["mean"], state["m2"]
+        count = int(state["count"])
+        if count:
+            m.add(count, state["mean"], state["m2"])
         return m
+
+
+def _summary(count: int, mean: torch.Tensor, m2: torch.Tensor) -> Summary:
+    var = m2 / count
+    nonfinite = int((~torch.isfinite(mean) | ~torch.isfinite(var)).sum())
+    return Summary(
+        count=count,
+        avg_sq_mean=float((mean * mean).mean()),
+        avg_var=float(var.mean()),
+        channels=int(mean.numel()),
+        nonfinite_channels=nonfinite,
+    )
+
+
+def finalize_many(moments: Sequence[ChannelMoments]) -> list[Summary]:
+    """``finalize`` of each, with one device-to-host copy per device instead of two per tap."""
+    out: list[Summary | None] = [None] * len(moments)
+    by_device: dict[torch.device, list[int]] = {}
+    for k, m in enumerate(moments):
+        if m.count == 0:
+            out[k] = Summary(0, float("nan"), float("nan"), 0, 0)
+        else:
+            by_device.setdefault(m.mean.device, []).append(k)
+    for ks in by_device.values():
+        parts = [t.detach().reshape(-1) for k in ks for t in (moments[k].mean, moments[k].m2)]
+        host = torch.cat(parts).to("cpu", torch.float64).split([p.numel() for p in parts])
+        for j, k in enumerate(ks):
+            out[k] = _summary(moments[k].count, host[2 * j], host[2 * j + 1])
+    return out  # type: ignore[return-value]
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` as a tensor nobody else holds (a copy unless ``.to`` made one)."""
+    out = t.detach().to(dtype)
+    return out.clone() if out is t or out.data_ptr() == t.data_ptr() else out
+
+
+def _weights(n_a: int, n_b: int) -> tuple[float, float]:
+    """Chan's weights for merging n_b values into n_a: n_b / n for the mean, n_a * n_b / n for M2."""
+    n = n_a + n_b
+    return n_b / n, n_a * n_b / n
+
+
+def merge_many(items: Sequence[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]]) -> None:
+    """Fold per-batch ``(moments, n, mean, m2)`` into their moments, in order, with a handful of foreach ops.
+
+    The same as ``moments.add(n, mean, m2)`` for each item in turn (a ChannelMoments may appear more than once,
+    e.g. a module called twice in a forward), but the C-sized merges of all taps run as a few batched kernels
+    instead of ~6 ops per tap. The per-batch moments are taken over (not copied again) where they already have
+    the accumulation dtype.
+    """
+    items = [it for it in items if it[1] > 0]
+    with torch.inference_mode(False):  # running moments stay normal tensors, updatable in any mode
+        _merge_all(items)
+
+
+def _merge_all(items: list[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]]) -> None:
+    while items:
+        seen: set[int] = set()
+        now, later = [], []
+        for it in items:
+            (later if id(it[0]) in seen else now).append(it)
+            seen.add(id(it[0]))
+        _merge_distinct(now)
+        items = later
+
+
+def _merge_distinct(items: list[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]]) -> None:
+    groups: dict[tuple[torch.device, torch.dtype], list] = {}
+    for it in items:
+        m, n, mean, m2 = it
+        if m.count == 0:
+            acc = accumulation_dtype(mean.device)
+            m.count, m.mean, m.m2 = n, _owned(mean, acc), _owned(m2, acc)
+        elif mean.shape != m.mean.shape:
+            raise ValueError(f"channel count changed between batches: {m.mean.shape[0]} then {mean.shape[0]}")
+        else:
+            groups.setdefault((m.mean.device, m.mean.dtype), []).append(it)
+    for (device, dtype), group in groups.items():
+        if len(group) < 4:
+            for m, n, mean, m2 in group:
+                m._add(n, mean, m2)
+            continue
+        sizes = [it[2].numel() for it in group]
+        means_b = torch.cat([it[2].reshape(-1) for it in group]).to(device, dtype).split(sizes)
+        m2s_b = torch.cat([it[3].reshape(-1) for it in group]).to(device, dtype).split(sizes)
+        weights = [_weights(it[0].count, it[1]) for it in group]
+        means = [it[0].mean for it in group]
+        m2s = [it[0].m2 for it in group]
+        delta = torch._foreach_sub(means_b, means)
+        torch._foreach_add_(m2s, m2s_b)
+        torch._foreach_addcmul_(m2s, delta, delta, [w for _, w in weights])
+        torch._foreach_mul_(delta, [w for w, _ in weights])
+        torch._foreach_add_(means, delta)
+        for it in group:
+            it[0].count += it[1]
 
 
 @dataclass(frozen=True)

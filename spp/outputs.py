@@ -53,6 +53,6 @@ def write_table(df, path: str) -> None:
         elif suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         elif suffix == ".json":
-            df.to_json(tmp, orient="records", indent=1)
+            df.to_json(tmp, orient="records", indent=1, double_precision=15)
         else:
             raise SppError(f"table {path!r}: unknown suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")

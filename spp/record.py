@@ -1,13 +1,17 @@
 """A Record: the SPP statistics of one run, its stage boundaries and the settings that produced it.
 
-Plain Python data only (floats, ints, strings, lists, dicts), so it saves to JSON or a weights-only ``.pt`` and
-builds a DataFrame on demand. Importing this module imports neither torch nor pandas nor matplotlib.
+Plain Python data only (floats, ints, strings, lists, dicts), so it saves to JSON or a weights-only ``.pt``
+(``spp.io``) and builds a DataFrame on demand. Importing this module imports neither torch nor pandas nor
+matplotlib.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -41,7 +45,7 @@ class Record:
     settings: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
-    # ---- views -------------------------------------------------------------------------------------------------
+    # ---- views ---------------------------------------------------------------------------------------------
     def to_frame(self):
         """One row per tap point, columns as ``spp.record.COLUMNS``; settings in ``df.attrs``."""
         import pandas as pd
@@ -67,7 +71,7 @@ class Record:
         return any(r["nonfinite"] for r in self.rows)
 
     def stage_summary(self) -> list[dict[str, Any]]:
-        """Per stage: blocks, first/last variance, max squared mean, mean residual variance, non-finite channels."""
+        """Per stage: blocks, first/last variance, max squared mean, mean residual variance, NaN/Inf count."""
         out = []
         stages = sorted({r["stage"] for r in self.rows if r["stage"] > 0})
         for s in stages:
@@ -86,11 +90,50 @@ class Record:
             )
         return out
 
+    # ---- files and figures (imported on use, so this module stays light) ----------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this record to ``path``: ``.pt``, ``.json``, ``.parquet`` or ``.csv`` (see ``spp.io``)."""
+        from spp.io import save_record
+
+        return save_record(self, path)
+
+    def plot(self, ax=None, *, references: Sequence[Record] | str = (), x: str = "block",
+             label: str | None = None, title: str | None = None):
+        """Draw the three-panel SPP; returns the matplotlib Figure.
+
+        ``ax``: None (a new figure) or three Axes (e.g. ``plt.subplots(1, 3)[1]``). ``references``: Records to
+        draw behind this one, or a ``--reference`` string ("auto", "nf_resnet", "bn_relu_resnet50,...") that
+        records them now with this record's input settings.
+        """
+        from spp import render
+
+        if isinstance(references, str):
+            references = _record_references(self, references)
+        return render.plot(self, references=references, x=x, labels=[label] if label else None, title=title,
+                           axes=ax)
+
     def _repr_html_(self) -> str:
         head = f"<b>SPP of {self.label}</b> — {self.num_blocks} blocks, stage ends {self.stage_ends}"
-        return head + self.to_frame()[["block", "name", "stage", "avg_sq_mean", "avg_var", "res_avg_var"]].to_html(
-            index=False, float_format=lambda v: f"{v:.4g}"
-        )
+        columns = ["block", "name", "stage", "avg_sq_mean", "avg_var", "res_avg_var"]
+        return head + self.to_frame()[columns].to_html(index=False, float_format=lambda v: f"{v:.4g}")
 
     def __repr__(self) -> str:
         return f"Record({self.label!r}, blocks={self.num_blocks}, stage_ends={self.stage_ends})"
+
+
+def _record_references(rec: Record, spec: str) -> list[Record]:
+    """The reference ResNets for ``rec``, recorded now on the input settings saved in ``rec`` (defaults where
+    a record does not know them: 8 Gaussian samples at 128 px, seed 0)."""
+    from spp.references import record_reference, reference_names
+    from spp.run import RunConfig
+
+    s = rec.settings
+    shape = s.get("input_shape") or []
+    resolution = s.get("resolution") or (shape[-1] if len(shape) >= 2 else None)
+    cfg = RunConfig(model=str(s.get("model_spec") or s.get("model") or "model"),
+                    model_kwargs=dict(s.get("model_kwargs") or {}), input_std=float(s.get("input_std", 1.0)),
+                    num_samples=s.get("num_samples"), batch_size=int(s.get("batch_size", 8)),
+                    resolution=resolution,
+                    in_chans=shape[0] if len(shape) >= 3 else None, seed=int(s.get("seed", 0)))
+    names = reference_names(None if spec.strip().lower() == "auto" else spec, rec.num_blocks)
+    return [record_reference(cfg, name) for name in names]

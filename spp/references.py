@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 
 from spp.errors import SppError, close_matches
+from spp.loading import split_options
 from spp.models import REFERENCE_FAMILIES, get_entry, is_model, nearest_depth
 from spp.record import Record
-from spp.run import RunConfig, record_model
+from spp.run import Progress, RunConfig, record_model
 
 
 def reference_names(spec: str | None, num_blocks: int) -> list[str]:
@@ -33,7 +34,9 @@ def reference_names(spec: str | None, num_blocks: int) -> list[str]:
 def reference_config(cfg: RunConfig, name: str) -> RunConfig:
     """The user's input settings, a reference model; width and in_chans follow a built-in user model's, and BN
     references are always taken in train mode (in eval mode an initialised BN is an identity)."""
-    kwargs = {k: v for k, v in cfg.model_kwargs.items() if k in ("width", "in_chans")} if is_model(cfg.model) else {}
+    base, options = split_options(cfg.model)
+    given = {**cfg.model_kwargs, **options}
+    kwargs = {k: v for k, v in given.items() if k in ("width", "in_chans")} if is_model(base) else {}
     entry = get_entry(name)
     return RunConfig(
         model=name, model_kwargs=kwargs, input=cfg.input, input_std=cfg.input_std, num_samples=cfg.num_samples,
@@ -42,8 +45,15 @@ def reference_config(cfg: RunConfig, name: str) -> RunConfig:
     )
 
 
-def record_reference(cfg: RunConfig, name: str, *, on_batch: Callable[[int], None] | None = None) -> Record:
+def is_same_run(cfg: RunConfig, ref: RunConfig) -> bool:
+    """True when recording ``ref`` would repeat ``cfg`` exactly (the user's model is that reference)."""
+    return replace(cfg, label=None) == replace(ref, label=None)
+
+
+def record_reference(cfg: RunConfig, name: str, *, progress: Progress | None = None,
+                     use_cache: bool = True) -> Record:
+    """Record reference ``name`` on ``cfg``'s inputs (``use_cache``: read/write the on-disk curve cache)."""
     entry = get_entry(name)
-    rec = record_model(reference_config(cfg, name), on_batch=on_batch)
+    rec = record_model(reference_config(cfg, name), progress=progress)
     rec.settings.update({"family": entry.family.prefix, "depth": entry.depth, "reference": True})
     return rec

@@ -1,7 +1,7 @@
 """Draw SPPs: three panels against depth, the user's curves over the reference curves.
 
-Only this module imports matplotlib (with the Agg backend unless one is already chosen), so recording and the CLI
-stay light until a figure is drawn.
+Only this module imports matplotlib (with the Agg backend unless one is already chosen), so recording and the
+CLI stay light until a figure is drawn.
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ REFERENCE_STYLE = {
 
 
 def _matplotlib():
+    import os
+    import sys
+
     import matplotlib
 
-    if "matplotlib.pyplot" not in __import__("sys").modules:
+    # Agg unless pyplot is up already or a backend is asked for (Jupyter sets MPLBACKEND to its inline one).
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -74,13 +78,26 @@ def plot(
     Stage ends are dotted verticals in each curve's colour; a panel goes to log scale when its values span two
     decades or more; a record whose rows carry ``expected_var`` (NF-ResNets) gets a dashed theory line.
     """
+    from spp.errors import SppError
+
+    if x not in ("block", "relative"):
+        raise SppError(f"x must be 'block' or 'relative', not {x!r}")
     plt = _matplotlib()
     records = [records] if isinstance(records, Record) else list(records)
     if axes is None:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
     else:
+        try:  # a numpy array of Axes (plt.subplots) or any sequence of them
+            axes = list(getattr(axes, "flat", axes))
+        except TypeError:
+            axes = [axes]
+        if len(axes) != len(PANELS):
+            raise SppError(f"axes: need {len(PANELS)} matplotlib Axes (squared mean, variance, residual "
+                           f"variance), got {len(axes)}")
         fig = axes[0].figure
     labels = list(labels) if labels is not None else [r.label for r in records]
+    if len(labels) != len(records):
+        raise SppError(f"{len(labels)} labels for {len(records)} records")
     user_colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     user_colors = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", *user_colors]
 
@@ -104,6 +121,9 @@ def plot(
                         label=f"{style['label']}: expected (beta bookkeeping)")
         if _spans_decades(values):
             ax.set_yscale("log")
+            positive = [v for v in values if v > 0 and math.isfinite(v)]
+            # Round-off zeros (1e-15 where the theory says 0) would squash the curves that matter: floor at 1e-6.
+            ax.set_ylim(bottom=max(min(positive), max(positive) * 1e-6) / 2)
         ax.set_title(heading)
         ax.set_xlabel("relative depth" if x == "relative" else "block index (0 = stem)")
         ax.grid(alpha=0.25)

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -70,10 +71,30 @@ def default_resolution(cfg: RunConfig, data_config: dict[str, Any]) -> int:
 DEFAULT_RESOLUTION = 128
 
 
-def record_model(cfg: RunConfig, *, on_batch: Callable[[int], None] | None = None, loaded=None) -> Record:
-    """Record the SPP of ``cfg.model`` on ``cfg``'s inputs."""
+# progress(label, total_batches) -> a context manager yielding an on_batch(samples) callback
+Progress = Callable[[str, int], "contextlib.AbstractContextManager[Callable[[int], None]]"]
+
+
+@contextlib.contextmanager
+def no_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions worth keeping with a record beside torch's and spp's (which the recorder adds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("timm", "torchvision"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+def record_model(cfg: RunConfig, *, progress: Progress | None = None, loaded=None) -> Record:
+    """Record the SPP of ``cfg.model`` on ``cfg``'s inputs; ``progress`` gets one task of micro-batches."""
     from spp import hooks
-    from spp.inputs import GaussianInput
+    from spp.inputs import make_input
     from spp.loading import load_model
 
     if loaded is None:
@@ -88,8 +109,8 @@ def record_model(cfg: RunConfig, *, on_batch: Callable[[int], None] | None = Non
         raise SppError(f"--resolution {resolution} is too small for {cfg.model}: it downsamples by 32, "
                        f"use at least {MIN_RESOLUTION}")
     in_chans = cfg.in_chans or cfg.model_kwargs.get("in_chans") or 3
-    source = GaussianInput((in_chans, resolution, resolution), num_samples=cfg.num_samples or cfg.batch_size,
-                           batch_size=cfg.batch_size, seed=cfg.seed, std=cfg.input_std)
+    source = make_input(cfg.input, num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed,
+                        std=cfg.input_std, data_config=loaded.data_config, resolution=resolution, in_chans=in_chans)
     settings = {
         "model": loaded.name,
         "label": cfg.label or loaded.name,
@@ -98,18 +119,21 @@ def record_model(cfg: RunConfig, *, on_batch: Callable[[int], None] | None = Non
         "source": loaded.source,
         "resolution": resolution,
         **source.describe(),
+        **library_versions(),
+        "run": cfg.describe(),
     }
     try:
-        return hooks.record(
-            model,
-            source.batches(),
-            mode=cfg.mode,
-            blocks=list(cfg.blocks) or None,
-            residual_tap=cfg.residual_tap,
-            channel_dim=cfg.channel_dim,
-            settings=settings,
-            on_batch=on_batch,
-        )
+        with (progress or no_progress)(f"recording {cfg.label or loaded.name}", source.num_batches) as on_batch:
+            return hooks.record(
+                model,
+                source.batches(),
+                mode=cfg.mode,
+                blocks=list(cfg.blocks) or None,
+                residual_tap=cfg.residual_tap,
+                channel_dim=cfg.channel_dim,
+                settings=settings,
+                on_batch=on_batch,
+            )
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = re.sub(r"\s+", " ", first)[:300]

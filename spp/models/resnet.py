@@ -24,7 +24,7 @@ BlockFactory = Callable[[int, int, int, int], nn.Module]  # (in_ch, out_ch, stri
 
 def scaled(channels: int, width: float) -> int:
     """Channel count under a width multiplier, kept a multiple of 4 so the bottleneck width is whole."""
-    return max(4, int(round(channels * width / 4)) * 4)
+    return max(4, round(channels * width / 4) * 4)
 
 
 class ResNet(nn.Module):

@@ -1,0 +1,59 @@
+"""The example scripts run end to end at a tiny size and write real images, so they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MPLBACKEND": "Agg", **(env or {})})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _assert_png(path: Path) -> None:
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] >= 600 and img.size[1] >= 200
+        # not blank: a drawn figure has many colours
+        assert len(img.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
+
+
+def test_paper_figures(tmp_path):
+    result = _run([str(EXAMPLES / "paper_figures.py"), "--depth", "50", "--width", "0.0625", "--resolution", "32",
+                   "--batch-size", "2", "--out-dir", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure1.png", "figure2.png"]
+    for name in ("figure1.png", "figure2.png"):
+        _assert_png(tmp_path / name)
+    for label in ("BN-ReLU-Conv ResNet-50", "ReLU-BN-Conv ResNet-50", "NF-ResNet-50 (Scaled WS)",
+                  "NF-ResNet-50 (no Scaled WS)"):
+        assert label in result.stdout
+
+
+def test_paper_figures_rejects_unknown_depth(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "paper_figures.py"), "--depth", "51", "--out-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "invalid choice: 51" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_notebook(tmp_path):
+    text = (EXAMPLES / "notebook.py").read_text()
+    assert text.count("# %%") >= 8 and "format_name: percent" in text
+    env = {"SPP_EXAMPLE_OUT": str(tmp_path), "SPP_EXAMPLE_RESOLUTION": "32", "SPP_EXAMPLE_BATCH": "2",
+           "SPP_EXAMPLE_WIDTH": "0.0625"}
+    result = _run([str(EXAMPLES / "notebook.py")], env)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.png", "resnet18.png", "resnet18.pt"]
+    _assert_png(tmp_path / "resnet18.png")
+    _assert_png(tmp_path / "compare.png")
+    assert "aligned by tap name (8 blocks after the stem)" in result.stdout
+    assert "aligned by relative depth" in result.stdout

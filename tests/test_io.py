@@ -1,0 +1,276 @@
+"""Record files: every format round-trips bit for bit; bad, foreign and malicious files fail in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import pickle
+import struct
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import spp
+from spp.cli import app
+from spp.errors import SppError
+from spp.io import RECORD_SUFFIXES, float_token, load_record, parse_float, sidecar
+from spp.outputs import write_table
+from spp.record import COLUMNS, FORMAT_VERSION, Record
+from spp.run import RunConfig, record_model
+
+TINY = ["--width", "0.0625", "--resolution", "32", "--batch-size", "2"]
+FORMATS = [s.lstrip(".") for s in RECORD_SUFFIXES]
+
+
+def _float(bits: str) -> float:
+    return struct.unpack(">d", bytes.fromhex(bits))[0]
+
+
+NEG_NAN = _float("fff8000000000000")  # what x86 produces for 0/0: sign bit set
+ODD_NAN = _float("7ff800000000dead")  # a NaN with a payload
+
+
+def bits(value):
+    """Floats as their 8 bytes, recursively, so NaN == NaN and -0.0 != 0.0 in comparisons."""
+    if isinstance(value, float):
+        return ("float", struct.pack(">d", value))
+    if isinstance(value, dict):
+        return {k: bits(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [bits(v) for v in value]
+    return (type(value).__name__, value)
+
+
+@pytest.fixture(scope="module")
+def real_record() -> Record:
+    return record_model(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
+                                  batch_size=2))
+
+
+@pytest.fixture
+def record(real_record) -> Record:
+    """A real record with every awkward float a file format can mangle, in rows and settings."""
+    rows = [dict(r) for r in real_record.rows]
+    for row, value in zip(rows[1:], (NEG_NAN, ODD_NAN, math.inf, -math.inf, -0.0, 5e-324, 1 / 3, 1e308),
+                          strict=False):
+        row["avg_var"] = value
+    rows[2]["note"] = 'a "quoted", multi\nline note; with commas'
+    settings = {**real_record.settings, "torch": str(real_record.settings["torch"]),
+                "nested": {"values": [math.nan, NEG_NAN, -math.inf, 0.1, None, True], "empty": {}}}
+    return Record(rows=rows, stage_ends=list(real_record.stage_ends), settings=settings)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_is_bit_exact(tmp_path, record, fmt):
+    path = tmp_path / f"rec.{fmt}"
+    assert record.save(path) == path
+    loaded = spp.load_record(path)
+    assert bits(loaded.rows) == bits(record.rows)
+    assert loaded.stage_ends == record.stage_ends == [3, 7, 13, 16]
+    assert bits(loaded.settings) == bits(record.settings)
+    assert loaded.version == FORMAT_VERSION
+    assert list(loaded.rows[0]) == list(COLUMNS)
+    # Saving what was loaded writes the same bytes (text formats) or the same record again (binary ones).
+    again = tmp_path / f"again.{fmt}"
+    loaded.save(again)
+    if fmt in ("json", "csv"):
+        assert again.read_bytes() == path.read_bytes()
+    assert bits(load_record(again).rows) == bits(record.rows)
+
+
+def test_float_tokens_name_exact_bits():
+    for value in (math.nan, NEG_NAN, ODD_NAN, math.inf, -math.inf):
+        token = float_token(value)
+        assert isinstance(token, str)
+        assert struct.pack(">d", parse_float(token)) == struct.pack(">d", value)
+    assert float_token(NEG_NAN) == "-NaN" and float_token(ODD_NAN) == "NaN(0x7ff800000000dead)"
+    assert float_token(0.1) == 0.1
+
+
+def test_pt_holds_plain_data_for_weights_only_load(tmp_path, record):
+    path = tmp_path / "rec.pt"
+    record.save(path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "spp-record" and raw["version"] == FORMAT_VERSION
+    assert raw["data"]["avg_var"].dtype == torch.float64
+    assert raw["data"]["count"].dtype == torch.int64
+    assert raw["data"]["name"] == [r["name"] for r in record.rows]
+    assert [struct.pack(">d", v) for v in raw["data"]["avg_var"].tolist()] == [
+        struct.pack(">d", r["avg_var"]) for r in record.rows]
+
+
+def test_csv_and_parquet_read_as_plain_tables(tmp_path, record):
+    record.save(tmp_path / "rec.csv")
+    record.save(tmp_path / "rec.parquet")
+    assert json.loads(sidecar(tmp_path / "rec.csv").read_text())["stage_ends"] == [3, 7, 13, 16]
+    for df in (pd.read_csv(tmp_path / "rec.csv"), pd.read_parquet(tmp_path / "rec.parquet")):
+        assert list(df.columns) == list(COLUMNS)
+        assert df["avg_sq_mean"].tolist() == [r["avg_sq_mean"] for r in record.rows]
+        assert df["avg_var"].dtype == "float64"
+        assert df["avg_var"].isna().tolist()[:4] == [False, True, True, False]
+        assert df["avg_var"].tolist()[3:5] == [math.inf, -math.inf]
+    meta = json.loads(pq.read_schema(tmp_path / "rec.parquet").metadata[b"spp.record"])
+    assert meta["settings"]["nested"]["values"][0] == {"$float": "NaN"}
+
+
+def test_plot_tables_load_as_records(tmp_path, real_record):
+    """A table from `spp plot --table` is no record file, but holds the numbers: it loads, settings unknown."""
+    # write_table's JSON keeps 10 significant digits (pandas' default); CSV and Parquet keep every bit.
+    for fmt, rel in (("csv", 0.0), ("parquet", 0.0), ("json", 1e-9)):
+        path = tmp_path / f"table.{fmt}"
+        write_table(real_record.to_frame(), str(path))
+        loaded = load_record(path)
+        assert loaded.stage_ends == real_record.stage_ends
+        assert loaded.label == "table"
+        for got, want in zip(loaded.rows, real_record.rows, strict=True):
+            assert (got["block"], got["name"], got["stage"]) == (want["block"], want["name"], want["stage"])
+            for key in ("avg_sq_mean", "avg_var"):
+                assert got[key] == pytest.approx(want[key], rel=rel, abs=0.0)
+            assert math.isnan(got["res_avg_var"]) == math.isnan(want["res_avg_var"])
+
+
+def _bump_version(path: pathlib.Path, fmt: str, version: int) -> None:
+    if fmt == "pt":
+        raw = torch.load(path, weights_only=True)
+        torch.save({**raw, "version": version}, path)
+    elif fmt == "json":
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "version": version}))
+    elif fmt == "csv":
+        doc = json.loads(sidecar(path).read_text())
+        sidecar(path).write_text(json.dumps({**doc, "version": version}))
+    else:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"spp.record"])
+        pq.write_table(table.replace_schema_metadata({b"spp.record": json.dumps({**meta, "version": version})}),
+                       path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_newer_format_asks_for_upgrade(tmp_path, real_record, fmt):
+    path = tmp_path / f"new.{fmt}"
+    real_record.save(path)
+    _bump_version(path, fmt, FORMAT_VERSION + 1)
+    with pytest.raises(SppError) as err:
+        load_record(path)
+    assert str(err.value) == (f"record {path} was written by a newer spp (format {FORMAT_VERSION + 1}, this spp "
+                              f"reads up to {FORMAT_VERSION}); upgrade spp")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SppError, match=r"record .*nope\.pt does not exist"):
+        load_record(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize(
+    "make,looks_like",
+    [
+        (lambda p: torch.save({f"layer{i}.weight": torch.zeros(2) for i in range(120)}, p),
+         "a state_dict with 120 tensors"),
+        (lambda p: torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(1)}}, p),
+         "a checkpoint with a state_dict of 1 tensors under 'state_dict'"),
+        (lambda p: torch.save(torch.zeros(3, 4), p), "a tensor of shape (3, 4)"),
+        (lambda p: torch.save(torch.nn.Linear(2, 2), p), "a pickle of Python objects (torch.nn.modules.linear.Linear)"),
+        (lambda p: p.write_bytes(b"not a torch file"), "no PyTorch file at all"),
+    ],
+)
+def test_foreign_pt_files_say_what_they_look_like(tmp_path, make, looks_like):
+    path = tmp_path / "thing.pt"
+    make(path)
+    with pytest.raises(SppError) as err:
+        load_record(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is not an spp record: it looks like {looks_like}")
+    assert "\n" not in message
+
+
+def test_foreign_tables_say_what_they_look_like(tmp_path):
+    (tmp_path / "t.csv").write_text("epoch,loss\n1,0.5\n")
+    with pytest.raises(SppError, match=r"looks like a CSV without the SPP columns \(block, .* it has epoch, loss"):
+        load_record(tmp_path / "t.csv")
+    (tmp_path / "t.json").write_text('{"epoch": 1}')
+    with pytest.raises(SppError, match="looks like a JSON object with keys 'epoch'"):
+        load_record(tmp_path / "t.json")
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(SppError, match=r"unknown suffix '\.txt'"):
+        load_record(tmp_path / "t.txt")
+
+
+class _Touch:
+    """Unpickling this would create a file (and could run anything else)."""
+
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.target,))
+
+
+class _System:
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("payload", [_Touch, _System])
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_runs_nothing(tmp_path, payload, writer):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    obj = {"format": "spp-record", "version": 1, "data": payload(target)}
+    if writer == "torch.save":
+        torch.save(obj, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    with pytest.raises(SppError) as err:
+        load_record(path)
+    assert "is not an spp record" in str(err.value) and "\n" not in str(err.value)
+    assert not target.exists()
+    result = CliRunner().invoke(app, ["compare", str(path), str(path)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert not target.exists()
+
+
+def test_save_checks_suffix_and_plain_settings(tmp_path, real_record):
+    with pytest.raises(SppError, match=r"unknown suffix '\.txt'; use one of \.pt, \.json, \.parquet, \.csv"):
+        real_record.save(tmp_path / "rec.txt")
+    bad = Record(rows=real_record.rows, stage_ends=real_record.stage_ends, settings={"device": torch.device("cpu")})
+    with pytest.raises(SppError, match=r"settings\['device'\] is a device"):
+        bad.save(tmp_path / "rec.json")
+    assert not list(tmp_path.iterdir())
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------------
+def test_cli_record_equals_a_direct_recording(tmp_path):
+    out = tmp_path / "b.pt"
+    result = CliRunner().invoke(app, ["record", "--model", "nf_resnet50", "--no-ws", "--seed", "3", "--out",
+                                      str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    loaded = load_record(out)
+    direct = record_model(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625, "ws": False},
+                                    resolution=32, batch_size=2, seed=3))
+    assert bits(loaded.rows) == bits(direct.rows)
+    assert loaded.stage_ends == direct.stage_ends
+    s = loaded.settings
+    assert s["model_kwargs"] == {"width": 0.0625, "ws": False} and s["input_shape"] == [3, 32, 32]
+    assert (s["seed"], s["mode"], s["num_samples"], s["batch_size"]) == (3, "train", 2, 2)
+    assert s["timm"] and s["torch"] and s["spp"] == spp.__version__ and s["created"]
+    assert s["run"]["model"] == "nf_resnet50"
+
+
+def test_cli_record_rejects_bad_suffix_before_recording(tmp_path):
+    # The model name is wrong too: the suffix error wins, so nothing was loaded or recorded first.
+    result = CliRunner().invoke(app, ["record", "--model", "no_such_model", "--out", str(tmp_path / "r.txt")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        f"error: --out '{tmp_path / 'r.txt'}': unknown suffix '.txt'; use one of .pt, .json, .parquet, .csv"]
+    assert not list(tmp_path.iterdir())

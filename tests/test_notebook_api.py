@@ -1,0 +1,156 @@
+"""The notebook API: light imports, Record.plot / render.plot figures, HTML, and SignalRecorder in a loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import spp
+import spp.hooks
+from spp.discovery import find_taps
+from spp.errors import SppError
+from spp.models import create_model
+from spp.record import Record
+from spp.run import RunConfig, record_model
+from tests.direct import capture, direct_stats
+
+
+def _loaded_after(code: str, *flags: str) -> tuple[list[str], str]:
+    """Top-level heavy modules loaded by ``code`` in a fresh interpreter, and its stderr."""
+    probe = ("import sys, json; " + code + "; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'matplotlib', 'pandas', 'torch', 'timm', 'PIL'})))")
+    out = subprocess.run([sys.executable, *flags, "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def test_imports_stay_light():
+    assert _loaded_after("import spp")[0] == []
+    loaded, importtime = _loaded_after("import spp.hooks; from spp import hooks; import spp.io, spp.compare; "
+                                       "spp.load_record; spp.hooks.SignalRecorder", "-X", "importtime")
+    assert "torch" in loaded and "matplotlib" not in loaded
+    assert "spp.hooks" in importtime and "matplotlib" not in importtime
+
+
+def test_lazy_names():
+    from spp.io import load_record
+
+    assert spp.load_record is load_record
+    assert spp.render.plot is not None and "load_record" in dir(spp)
+    with pytest.raises(AttributeError):
+        spp.no_such_thing  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def recs() -> list[Record]:
+    cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32, batch_size=2)
+    a = record_model(cfg)
+    b = record_model(RunConfig(model="bn_relu_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
+                               batch_size=2))
+    return [a, b]
+
+
+def test_record_plot_draws_the_numbers(recs):
+    rec = recs[0]
+    fig = rec.plot()
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    for ax, stat in zip(fig.axes, ("avg_sq_mean", "avg_var", "res_avg_var"), strict=True):
+        ys = [float(v) for v in ax.lines[0].get_ydata()]
+        assert ys[1:] == rec.column(stat)[1:]
+        assert [float(v) for v in ax.lines[0].get_xdata()] == list(range(17))
+    plt.close(fig)
+
+    fig = rec.plot(references=[recs[1]], label="mine")
+    ax = fig.axes[1]
+    assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")][:1] == ["bn_relu_resnet50"]
+    assert [float(v) for v in next(line for line in ax.lines if line.get_label() == "mine").get_ydata()] == \
+        rec.column("avg_var")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3)
+    assert rec.plot(ax=axes, x="relative") is fig
+    assert float(axes[1].lines[0].get_xdata()[-1]) == 1.0
+    with pytest.raises(SppError, match="need 3 matplotlib Axes"):
+        rec.plot(ax=axes[0])
+    plt.close(fig)
+
+
+def test_render_plot_draws_several_with_stage_ends(recs):
+    fig = spp.render.plot(recs, labels=["NF", "BN"])
+    ax = fig.axes[1]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["NF", "BN"]
+    curves = [line for line in ax.lines if line.get_label() in ("NF", "BN")]
+    assert len({line.get_color() for line in curves}) == 2
+    verticals = [line for line in ax.lines if list(line.get_xdata()) == [line.get_xdata()[0]] * 2
+                 and line.get_linestyle() == ":"]
+    assert sorted(float(v.get_xdata()[0]) for v in verticals) == [3.0, 3.0, 7.0, 7.0, 13.0, 13.0]
+    plt.close(fig)
+
+
+def test_repr_html_is_a_compact_table(recs):
+    html = recs[0]._repr_html_()
+    assert html.count("<tr") == 1 + 17 and "stage ends [3, 7, 13, 16]" in html
+
+
+def test_signal_recorder_snapshot_and_reset_in_a_training_loop():
+    """snapshot() after two SGD steps covers both forwards; reset() + one step covers that step only."""
+    torch.manual_seed(0)
+    model = create_model("nf_resnet50", width=0.0625)  # no BatchNorm: statistics per sample, not per batch
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before: list[torch.nn.Module] = []
+
+    def step(x: torch.Tensor) -> None:
+        before.append(copy.deepcopy(model))
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with spp.hooks.SignalRecorder(model) as recorder:
+        step(xs[0])
+        step(xs[1])
+        two = recorder.snapshot()
+        recorder.reset()
+        step(xs[2])
+        one = recorder.snapshot()
+    assert not any(hasattr(m, "_forward_hooks") and m._forward_hooks for m in model.modules())
+    assert not torch.equal(before[0].fc.weight, before[2].fc.weight)  # the weights did move
+
+    taps = find_taps(model)[1:]
+    outputs = [t.output.module for t in taps]
+    branches = [t.residual.module for t in taps]
+    seen = [capture(m, outputs + branches, [x]) for m, x in zip(before, xs, strict=True)]
+    for k, tap in enumerate(taps, start=1):
+        both = torch.cat([seen[0][tap.output.module][0], seen[1][tap.output.module][0]])
+        sq, var = direct_stats(both)
+        assert two.rows[k]["avg_sq_mean"] == pytest.approx(sq, rel=1e-5), tap.name
+        assert two.rows[k]["avg_var"] == pytest.approx(var, rel=1e-5), tap.name
+        res = torch.cat([seen[0][tap.residual.module][0], seen[1][tap.residual.module][0]])
+        assert two.rows[k]["res_avg_var"] == pytest.approx(direct_stats(res)[1], rel=1e-5), tap.name
+        assert two.rows[k]["count"] == both.numel() // both.shape[1]
+    assert (two.settings["samples"], two.settings["batches"]) == (4, 2)
+
+    assert (one.settings["samples"], one.settings["batches"]) == (2, 1)
+    for k, tap in enumerate(taps, start=1):
+        assert one.rows[k]["count"] == two.rows[k]["count"] // 2, (
+            f"after reset(), {tap.name} saw {one.rows[k]['count']} values per channel: the hooks must feed the "
+            "new moments, not the ones reset() replaced")
+        sq, var = direct_stats(seen[2][tap.output.module][0])
+        assert one.rows[k]["avg_sq_mean"] == pytest.approx(sq, rel=1e-5), f"after reset(): {tap.name}"
+        assert one.rows[k]["avg_var"] == pytest.approx(var, rel=1e-5), f"after reset(): {tap.name}"
+    # After reset() the recorder's one step is exactly what a fresh one-call recording of that step gives.
+    fresh = spp.hooks.record(before[2], xs[2], mode="train")
+    assert [r["avg_var"] for r in one.rows] == [r["avg_var"] for r in fresh.rows]
+    assert [r["res_avg_var"] for r in one.rows[1:]] == [r["res_avg_var"] for r in fresh.rows[1:]]
