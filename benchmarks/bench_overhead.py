@@ -41,13 +41,64 @@ def timm_hooks(model, modules: list[str]):
     return hook, handles
 
 
+def measure(name: str, res: int, width: float, reps: int):
+    import spp.hooks
+    from spp.discovery import find_taps
+
+    model, mode = build(name, width)
+    label = f"{name}{f' w{width:g}' if not name.startswith('timm:') else ''} {res}px"
+    x = torch.randn(8, 3, res, res, generator=torch.Generator().manual_seed(1))
+    taps = find_taps(model)
+    sites = sorted({s.module for t in taps[1:] for s in (t.output, t.residual)
+                    if hasattr(s, "kind") and s.kind == "output"})
+    recorder = spp.hooks.SignalRecorder(model, taps=taps, mode=mode)
+
+    def bare():
+        with torch.no_grad():
+            model(x)
+
+    def record_call():
+        spp.hooks.record(model, x, mode=mode)
+
+    def discovery():
+        find_taps(model)
+
+    live = (recorder.__enter__, bare, lambda: recorder.__exit__(None, None, None))
+    t = _common.interleaved({"bare": bare, "record": record_call, "live": live, "discovery": discovery}, reps)
+    recorder.reset()
+    row = [label, t["bare"] * 1e3, t["record"] * 1e3, t["record"] / t["bare"],
+           _common.verdict(t["record"] / t["bare"], 1.05), t["live"] * 1e3,
+           t["live"] / t["bare"], _common.verdict(t["live"] / t["bare"], 1.05)]
+    setup_row = [label, len(taps) - 1, t["discovery"] * 1e3, (t["record"] - t["bare"]) * 1e3,
+                 (t["live"] - t["bare"]) * 1e3]
+    if x.ndim == 4 and "vit" not in name:
+        handles: list = []
+
+        def add_timm(handles=handles):
+            handles.extend(timm_hooks(model, sites)[1])
+
+        def remove_timm(handles=handles):
+            for h in handles:
+                h.remove()
+            handles.clear()
+
+        timm = (add_timm, bare, remove_timm)
+        tp = _common.interleaved({"bare": bare, "timm": timm, "live": live}, reps)
+        recorder.reset()
+        peer_row = [label, len(sites), tp["bare"] * 1e3, tp["timm"] * 1e3, tp["live"] * 1e3,
+                    tp["live"] / tp["timm"], _common.verdict(tp["live"] / tp["timm"], 0.8),
+                    (tp["timm"] - tp["bare"]) / max(tp["live"] - tp["bare"], 1e-9)]
+    else:
+        peer_row = [label, len(sites), "-", "-", "-", "n/a", "-",
+                    "timm's functions reduce axes (0, 2, 3): 4-D only"]
+    return row, setup_row, peer_row
+
+
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--width", type=float, default=None, help="width of the 600-layer reference")
     args = p.parse_args()
     _common.set_threads(args.threads)
-    import spp.hooks
-    from spp.discovery import find_taps
 
     reps = args.reps or (2 if args.quick else 7)
     width = args.width or (0.25 if args.quick else 1.0)
@@ -57,53 +108,10 @@ def main() -> None:
         configs = [("nf_resnet600", 64), ("timm:resnet50", 224)]
     rows, peer_rows, setup_rows = [], [], []
     for name, res in configs:
-        model, mode = build(name, width)
-        label = f"{name}{f' w{width:g}' if not name.startswith('timm:') else ''} {res}px"
-        x = torch.randn(8, 3, res, res, generator=torch.Generator().manual_seed(1))
-        taps = find_taps(model)
-        sites = sorted({s.module for t in taps[1:] for s in (t.output, t.residual)
-                        if hasattr(s, "kind") and s.kind == "output"})
-        recorder = spp.hooks.SignalRecorder(model, taps=taps, mode=mode)
-
-        def bare():
-            with torch.no_grad():
-                model(x)
-
-        def record_call():
-            spp.hooks.record(model, x, mode=mode)
-
-        def discovery():
-            find_taps(model)
-
-        live = (recorder.__enter__, bare, lambda: recorder.__exit__(None, None, None))
-        t = _common.interleaved({"bare": bare, "record": record_call, "live": live, "discovery": discovery}, reps)
-        recorder.reset()
-        rows.append([label, t["bare"] * 1e3, t["record"] * 1e3, t["record"] / t["bare"],
-                     _common.verdict(t["record"] / t["bare"], 1.05), t["live"] * 1e3,
-                     t["live"] / t["bare"], _common.verdict(t["live"] / t["bare"], 1.05)])
-        setup_rows.append([label, len(taps) - 1, t["discovery"] * 1e3, (t["record"] - t["bare"]) * 1e3,
-                           (t["live"] - t["bare"]) * 1e3])
-        if x.ndim == 4 and "vit" not in name:
-            handles: list = []
-
-            def add_timm(handles=handles):
-                handles.extend(timm_hooks(model, sites)[1])
-
-            def remove_timm(handles=handles):
-                for h in handles:
-                    h.remove()
-                handles.clear()
-
-            timm = (add_timm, bare, remove_timm)
-            tp = _common.interleaved({"bare": bare, "timm": timm, "live": live}, reps)
-            recorder.reset()
-            peer_rows.append([label, len(sites), tp["bare"] * 1e3, tp["timm"] * 1e3, tp["live"] * 1e3,
-                              tp["live"] / tp["timm"], _common.verdict(tp["live"] / tp["timm"], 0.8),
-                              (tp["timm"] - tp["bare"]) / max(tp["live"] - tp["bare"], 1e-9)])
-        else:
-            peer_rows.append([label, len(sites), "-", "-", "-", "n/a", "-", "timm's functions reduce axes "
-                              "(0, 2, 3): 4-D only"])
-        del model, recorder
+        r, su, pe = measure(name, res, width, reps)
+        rows.append(r)
+        setup_rows.append(su)
+        peer_rows.append(pe)
     _common.table("Recording overhead vs a bare no-grad forward (batch 8)",
                   ["model", "bare ms", "record() ms", "record()/bare", "<=1.05", "live ms/forward",
                    "live/bare", "<=1.05"], rows, note=_common.machine())

@@ -204,8 +204,8 @@ def _finish(warnings: list[str], errors: list[str]) -> None:
         _fail(_escape("; ".join(errors)), 3)
 
 
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Record the reference models again instead of reading "
-                                          "their curves from the cache.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Record built-in models (the references) again instead "
+                                          "of reading their curves from the cache ($SPP_CACHE_DIR).")]
 
 
 @app.command()
@@ -272,13 +272,14 @@ def compare(
                     "else relative).", show_default=False)] = None,
     align: Annotated[str, typer.Option(help="auto: by tap name when all names match, else by relative depth "
                                        "(interpolated); or name, or relative.")] = "auto",
+    no_cache: NoCacheOpt = False,
 ) -> None:
     """Compare SPPs of records and models: where they diverge most, per block and per stage; one figure."""
     from spp import commands
 
     with _progress() as progress:
         result = commands.compare(sources, cfg, labels=label, out=out, table=table, x=x, align=align,
-                                  progress=progress)
+                                  progress=progress, use_cache=not no_cache)
     _warn(result.warnings)
     _print_comparison(result)
     if result.figure is not None:
@@ -372,6 +373,10 @@ def _print_comparison(result) -> None:
 
 
 def main() -> None:
+    import os
+
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # under torchrun only rank 0 prints (and writes)
+        console.quiet = out_console.quiet = True
     app(prog_name="spp")
 
 

@@ -52,10 +52,18 @@ def plot(
         if is_same_run(cfg, reference_config(cfg, name)):
             continue  # the model is itself this reference: drawing it twice would hide nothing but cost a forward
         refs.append(record_reference(cfg, name, progress=progress, use_cache=use_cache))
-    fig = render.plot(rec, references=refs, title=_title(rec))
-    render.save_figure(fig, out)
-    write_table(rec.to_frame(), table)
+    if _writes():  # under torchrun every rank records its shard; rank 0 alone writes
+        fig = render.plot(rec, references=refs, title=_title(rec))
+        render.save_figure(fig, out)
+        write_table(rec.to_frame(), table)
     return PlotResult(rec, refs, Path(out), Path(table), warnings=nonfinite_warnings(rec), notes=run_notes(rec))
+
+
+def _writes() -> bool:
+    """True unless this is a torchrun rank other than 0 (``spp.distributed``): only rank 0 writes files."""
+    from spp.distributed import is_main_process
+
+    return is_main_process()
 
 
 def _title(rec: Record) -> str:
@@ -120,7 +128,7 @@ def record(cfg: RunConfig, *, out: str, progress: Progress | None = None) -> Rec
 
     check_record_output(out, "--out")
     rec = record_model(cfg, progress=progress)
-    path = save_record(rec, out, what="--out")
+    path = save_record(rec, out, what="--out") if _writes() else Path(out)
     return RecordResult(rec, path, nonfinite_warnings(rec), run_notes(rec))
 
 
@@ -134,8 +142,10 @@ class CompareResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _source(source: str | Record, cfg: RunConfig | None, progress: Progress) -> tuple[Record, str]:
-    """A record and its default label from a Record, a record file, or a model spec (recorded now)."""
+def _source(source: str | Record, cfg: RunConfig | None, progress: Progress,
+            use_cache: bool = True) -> tuple[Record, str]:
+    """A record and its default label from a Record, a record file, or a model spec (recorded now, or read from
+    the curve cache for a built-in model: ``spp.cache``)."""
     from spp.errors import SppError
     from spp.io import RECORD_SUFFIXES, NotARecord, load_record
 
@@ -156,7 +166,9 @@ def _source(source: str | Record, cfg: RunConfig | None, progress: Progress) -> 
             except SppError as exc:
                 raise SppError(f"{source} is not an spp record (it looks like {not_record.looks_like}) nor a "
                                f"model spp can load ({exc})") from None
-    rec = record_model(model_cfg, progress=progress)
+    from spp.cache import cached_record
+
+    rec = cached_record(model_cfg, lambda: record_model(model_cfg, progress=progress), use_cache=use_cache)
     return rec, rec.label
 
 
@@ -170,6 +182,7 @@ def compare(
     x: str | None = None,
     align: str = "auto",
     progress: Progress | None = None,
+    use_cache: bool = True,
 ) -> CompareResult:
     """Compare record files, Records and model specs (recorded with ``cfg``'s model and input settings).
 
@@ -204,7 +217,7 @@ def compare(
     for order in (True, False):  # files first: a bad file fails before minutes of recording
         for i, s in enumerate(sources):
             if is_file[i] == order:
-                resolved[i] = _source(s, cfg, progress)
+                resolved[i] = _source(s, cfg, progress, use_cache)
     records = [resolved[i][0] for i in range(len(sources))]
     labels = labels + [resolved[i][1] for i in range(len(labels), len(sources))]
 
@@ -223,8 +236,9 @@ def compare(
 
         fig = render.plot(records, x=x, labels=comparison.labels,  # type: ignore[arg-type]
                           title="SPP comparison: " + " vs ".join(comparison.labels))
-        render.save_figure(fig, out)
+        if _writes():
+            render.save_figure(fig, out)
         figure = Path(out)
-    if table is not None:
+    if table is not None and _writes():
         write_table(comparison.table, table)
     return CompareResult(comparison, x, x_note, figure, Path(table) if table else None, warnings)

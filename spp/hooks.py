@@ -173,7 +173,8 @@ class SignalRecorder:
         for i, tap in enumerate(self.taps):
             add(tap.output, self._updater(0, i, tap.channel_dim))
             if isinstance(tap.residual, Site):
-                add(tap.residual, self._updater(1, i, tap.channel_dim))
+                branch_dim = tap.channel_dim if tap.residual_channel_dim is None else tap.residual_channel_dim
+                add(tap.residual, self._updater(1, i, branch_dim))
             elif isinstance(tap.residual, Difference):
                 add(tap.residual.subtrahend, self._stasher(tap.residual.subtrahend))
                 add(tap.residual.minuend, self._differ(i, tap.residual.subtrahend, tap.channel_dim))
@@ -200,7 +201,8 @@ class SignalRecorder:
         stash = self._stash
 
         def keep(x: torch.Tensor) -> None:
-            stash[site] = x
+            # A copy: a block that adds in place (x += f(x)) would otherwise overwrite the shortcut we subtract.
+            stash[site] = x.clone()
 
         return keep
 
@@ -217,6 +219,8 @@ class SignalRecorder:
         return differ
 
     def _count_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if _in_backward() != -1:
+            return  # a checkpointed model recomputed in backward: the same batch again
         x = _first_tensor(args) if args else _first_tensor(kwargs)
         self.samples += int(x.shape[0]) if x is not None and x.ndim else 0
         self.batches += 1
@@ -279,20 +283,28 @@ class SignalRecorder:
         return Record(rows=rows, stage_ends=stage_ends(self.taps), settings=settings)
 
 
+def _graph_task_id() -> int:
+    return -1
+
+
+# -1 outside a backward pass; an activation-checkpointing recompute runs the forward inside one, and must not count.
+_in_backward = getattr(torch._C, "_current_graph_task_id", _graph_task_id)
+
+
 def _pre_hook(fns: list[Callable[[torch.Tensor], None]]):
     if len(fns) == 1:
         fn = fns[0]
 
         def hook1(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = _first_tensor(args) if args else _first_tensor(kwargs)
-            if x is not None:
+            if x is not None and _in_backward() == -1:
                 fn(x.detach())
 
         return hook1
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = _first_tensor(args) if args else _first_tensor(kwargs)
-        if x is not None:
+        if x is not None and _in_backward() == -1:
             x = x.detach()
             for f in fns:
                 f(x)
@@ -306,14 +318,14 @@ def _post_hook(fns: list[Callable[[torch.Tensor], None]]):
 
         def hook1(module: nn.Module, args: tuple, output: Any) -> None:
             x = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-            if x is not None:
+            if x is not None and _in_backward() == -1:
                 fn(x.detach())
 
         return hook1
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         x = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-        if x is not None:
+        if x is not None and _in_backward() == -1:
             x = x.detach()
             for f in fns:
                 f(x)
@@ -342,6 +354,7 @@ def record(
     taps: Sequence[Tap] | None = None,
     settings: dict[str, Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    distributed: bool = False,
 ) -> Record:
     """Run ``model`` on ``inputs`` (one tensor, or an iterable of micro-batches) and return its SPP Record.
 
@@ -350,6 +363,10 @@ def record(
     exactly as before afterwards, also when the forward raises. Micro-batches merge exactly (Chan et al.), so
     statistics over k micro-batches equal those over their concatenation wherever the model has no batch-dependent
     layers. ``on_batch(samples_in_batch)`` is called after each micro-batch (progress bars).
+
+    ``distributed=True``: every rank of the initialised default process group calls ``record`` with its own
+    micro-batches (possibly none); the moments are merged across ranks (``spp.distributed.merge_moments``) and
+    every rank returns the Record over all ranks' samples.
     """
     batches = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
     check_bn = mode == "train" and _has_batchnorm(model)
@@ -367,6 +384,10 @@ def record(
             model(batch)
             if on_batch is not None:
                 on_batch(int(batch.shape[0]) if isinstance(batch, torch.Tensor) else 1)
+    if distributed:
+        from spp.distributed import merge_moments
+
+        merge_moments(recorder)
     if recorder.batches == 0:
         raise SppError("no input batches: nothing was recorded")
     return recorder.snapshot()

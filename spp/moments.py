@@ -25,6 +25,9 @@ import torch
 
 # Inner (spatial) extents at least this long are summed first; shorter ones after the batch axis (CPU only).
 _INNER_FIRST = 32
+# Tensors above _CHUNK_MIN elements take their squared deviations in pieces of about _CHUNK elements (CPU).
+_CHUNK_MIN = 1 << 20
+_CHUNK = 1 << 18
 # Inner extents this short (but > 1) use torch.batch_norm_update_stats (CPU only).
 _BN_INNER = 4
 
@@ -91,9 +94,41 @@ def channel_stats(x: torch.Tensor, axis: int) -> tuple[int, torch.Tensor, torch.
         return n, mean, var * n
     mean = _sum_rows(x, outer, channels, inner).div_(n)
     v = x.view(outer, channels, inner)
-    # (x - mean)^2 in one elementwise pass (mse_loss without reduction: bitwise (x - mean).square_()).
-    sq_dev = _squared_difference(v, mean.view(1, channels, 1).expand_as(v))
-    return n, mean, _sum_rows(sq_dev, outer, channels, inner)
+    if v.numel() <= _CHUNK_MIN:
+        sq_dev = _squared_deviations(v, mean.view(1, channels, 1))
+        return n, mean, _sum_rows(sq_dev, outer, channels, inner)
+    return n, mean, _chunked_m2(v, mean)
+
+
+def _squared_deviations(v: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """(v - centre)^2 for a (outer, C, inner) ``v`` and a broadcastable ``centre``, as a new tensor."""
+    if v.shape[-1] >= _INNER_FIRST:
+        # One elementwise pass (mse_loss without reduction is bitwise (v - centre).square_()).
+        return _squared_difference(v, centre.expand_as(v))
+    return (v - centre).square_()  # short rows: mse_loss's broadcast is slow there, sub + in-place square is not
+
+
+def _chunked_m2(v: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """M2 of a large contiguous (outer, C, inner) tensor, its squared deviations made one cache-sized piece at a
+    time: no activation-sized temporary (page faults, memory traffic), the same sums."""
+    outer, channels, inner = v.shape
+    m2 = torch.zeros(channels, dtype=v.dtype, device=v.device)
+    row = channels * inner
+    if row <= 4 * _CHUNK:
+        step = max(1, _CHUNK // row)
+        centre = mean.view(1, channels, 1)
+        for o in range(0, outer, step):
+            part = v[o : o + step]
+            sq_dev = _squared_deviations(part, centre)
+            m2.add_(_sum_rows(sq_dev, part.shape[0], channels, inner))
+        return m2
+    step = max(1, _CHUNK // inner)  # one sample alone is large: split its channels too
+    for o in range(outer):
+        for c in range(0, channels, step):
+            part = v[o, c : c + step]
+            sq_dev = _squared_deviations(part, mean[c : c + step, None])
+            m2[c : c + step] += sq_dev.sum(1)
+    return m2
 
 
 try:
@@ -189,7 +224,8 @@ def _summary(count: int, mean: torch.Tensor, m2: torch.Tensor) -> Summary:
 
 
 def finalize_many(moments: Sequence[ChannelMoments]) -> list[Summary]:
-    """``finalize`` of each, with one device-to-host copy per device instead of two per tap."""
+    """``finalize`` of each, with one device-to-host copy per device and a few vectorised reductions on the host
+    (segment sums over channels) instead of ~10 small ops per tap."""
     out: list[Summary | None] = [None] * len(moments)
     by_device: dict[torch.device, list[int]] = {}
     for k, m in enumerate(moments):
@@ -198,10 +234,22 @@ def finalize_many(moments: Sequence[ChannelMoments]) -> list[Summary]:
         else:
             by_device.setdefault(m.mean.device, []).append(k)
     for ks in by_device.values():
-        parts = [t.detach().reshape(-1) for k in ks for t in (moments[k].mean, moments[k].m2)]
-        host = torch.cat(parts).to("cpu", torch.float64).split([p.numel() for p in parts])
+        sizes = [moments[k].mean.numel() for k in ks]
+        flat = torch.cat([moments[k].mean.detach().reshape(-1) for k in ks]
+                         + [moments[k].m2.detach().reshape(-1) for k in ks]).to("cpu", torch.float64)
+        total = sum(sizes)
+        mean, m2 = flat[:total], flat[total:]
+        sizes_t = torch.tensor(sizes, dtype=torch.int64)
+        seg = torch.repeat_interleave(torch.arange(len(ks)), sizes_t)
+        counts = torch.tensor([moments[k].count for k in ks], dtype=torch.float64)
+        var = m2 / counts[seg]
+        zeros = torch.zeros(len(ks), dtype=torch.float64)
+        avg_sq = (zeros.index_add(0, seg, mean * mean) / sizes_t).tolist()
+        avg_var = (zeros.index_add(0, seg, var) / sizes_t).tolist()
+        bad = (~torch.isfinite(mean) | ~torch.isfinite(var)).to(torch.int64)
+        nonfinite = torch.zeros(len(ks), dtype=torch.int64).index_add(0, seg, bad).tolist()
         for j, k in enumerate(ks):
-            out[k] = _summary(moments[k].count, host[2 * j], host[2 * j + 1])
+            out[k] = Summary(moments[k].count, avg_sq[j], avg_var[j], sizes[j], nonfinite[j])
     return out  # type: ignore[return-value]
 
 
@@ -243,15 +291,27 @@ def _merge_all(items: list[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor
 
 def _merge_distinct(items: list[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]]) -> None:
     groups: dict[tuple[torch.device, torch.dtype], list] = {}
+    fresh: dict[torch.device, list] = {}
     for it in items:
         m, n, mean, m2 = it
         if m.count == 0:
-            acc = accumulation_dtype(mean.device)
-            m.count, m.mean, m.m2 = n, _owned(mean, acc), _owned(m2, acc)
+            fresh.setdefault(mean.device, []).append(it)
         elif mean.shape != m.mean.shape:
             raise ValueError(f"channel count changed between batches: {m.mean.shape[0]} then {mean.shape[0]}")
         else:
             groups.setdefault((m.mean.device, m.mean.dtype), []).append(it)
+    for device, group in fresh.items():
+        acc = accumulation_dtype(device)
+        if len(group) < 4:
+            for m, n, mean, m2 in group:
+                m.count, m.mean, m.m2 = n, _owned(mean, acc), _owned(m2, acc)
+            continue
+        # First batch of many taps: one new buffer (torch.cat always copies), each tap owning a disjoint slice.
+        sizes = [it[2].numel() for it in group]
+        flat = torch.cat([it[2].reshape(-1) for it in group] + [it[3].reshape(-1) for it in group]).to(acc)
+        parts = flat.split(sizes + sizes)
+        for j, (m, n, mean, _) in enumerate(group):
+            m.count, m.mean, m.m2 = n, parts[j].view(mean.shape), parts[len(group) + j].view(mean.shape)
     for (device, dtype), group in groups.items():
         if len(group) < 4:
             for m, n, mean, m2 in group:

@@ -53,7 +53,14 @@ def is_same_run(cfg: RunConfig, ref: RunConfig) -> bool:
 def record_reference(cfg: RunConfig, name: str, *, progress: Progress | None = None,
                      use_cache: bool = True) -> Record:
     """Record reference ``name`` on ``cfg``'s inputs (``use_cache``: read/write the on-disk curve cache)."""
+    from spp.cache import cached_record
+
     entry = get_entry(name)
-    rec = record_model(reference_config(cfg, name), progress=progress)
-    rec.settings.update({"family": entry.family.prefix, "depth": entry.depth, "reference": True})
-    return rec
+    ref_cfg = reference_config(cfg, name)
+
+    def run() -> Record:
+        rec = record_model(ref_cfg, progress=progress)
+        rec.settings.update({"family": entry.family.prefix, "depth": entry.depth, "reference": True})
+        return rec
+
+    return cached_record(ref_cfg, run, use_cache=use_cache)

@@ -52,3 +52,4 @@ class Tap:
     channel_dim: int | None = None
     note: str = ""  # e.g. "branch is zero at init (zero-init gain)"
     expected_var: float | None = None  # theory for the output variance, where the model knows it (NF-ResNets)
+    residual_channel_dim: int | None = None  # the branch's own channel axis where it differs (ConvNeXt's NHWC mlp)

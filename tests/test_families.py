@@ -71,6 +71,8 @@ def check_recorder_reads_the_same(model: nn.Module, taps, values, x) -> None:
         if tap.residual is not None:
             r = residual_value(tap, values)
             axis = tap.channel_dim if tap.channel_dim is not None else (-1 if r.ndim == 3 else 1)
+            if getattr(tap, "residual_channel_dim", None) is not None:
+                axis = tap.residual_channel_dim  # e.g. ConvNeXt's channels-last mlp under an NCHW block
             _, rvar = channel_stats(r, axis)
             assert math.isclose(row["res_avg_var"], rvar, rel_tol=1e-5, abs_tol=1e-12), (tap.name, rvar)
 
@@ -280,6 +282,8 @@ def test_convnext_branch_before_layer_scale():
 def test_convnext_channels_last_mlp():
     taps = verify(liven(timm_model("convnext_atto", conv_mlp=False)), image(), convnext)
     assert len(taps) - 1 == 12
+    # The branch is read before gamma, on its own (last) channel axis, with one variance per block channel.
+    assert all(t.residual == Site(f"{t.module}.mlp") and t.residual_channel_dim == -1 for t in blocks(taps))
 
 
 # ---- timm ViT / DeiT / Swin --------------------------------------------------------------------------------------
@@ -392,12 +396,6 @@ def test_fallback_named_shortcut_decides_between_equal_paths():
     torch.testing.assert_close(values[Site("blocks.0.stack")] + model.blocks[0].shortcut(x), values[taps[1].output])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spp.hooks stashes the subtrahend of a Difference by reference; a block that adds in place "
-    "(x += f(x)) then overwrites it and the branch reads as zero. Fix: clone in SignalRecorder._stasher "
-    "(then drop this marker).",
-)
 def test_difference_survives_an_in_place_add():
     model = Chain(InplaceToy(), stem=nn.Conv2d(4, 4, 1)).eval()
     taps = find_taps(model)

@@ -1,0 +1,211 @@
+"""Recording across processes: each rank records its shard of the micro-batches, the moments merge exactly.
+
+With ``torchrun --nproc-per-node N -m spp record ...`` (or ``plot`` / ``compare``) every process runs the same
+command: ``init_from_env`` sees torchrun's ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``, starts the default
+process group (gloo on CPU, nccl on CUDA, each rank on ``cuda:LOCAL_RANK``), the model is built identically on
+every rank (the seed is set before building), rank ``r`` records micro-batches ``r, r + N, r + 2N, ...``
+(Gaussian micro-batch ``j`` is drawn from ``(seed, j)`` whatever the number of ranks), and ``merge_moments``
+all-gathers every tap's (count, mean, M2) and merges them with Chan's update in rank order: the statistics one
+process would compute on all the samples (up to float64 rounding of the merge order). Only rank 0 writes files
+and prints.
+
+In a training script (DDP, FSDP), hook as usual and merge before the snapshot::
+
+    with spp.hooks.SignalRecorder(model) as rec:      # on every rank
+        model(x_local)
+    spp.distributed.merge_moments(rec)                # a collective: every rank calls it
+    if spp.distributed.is_main_process():
+        rec.snapshot().to_frame()
+
+Under FSDP the parameters are sharded but each rank's activations are its own full tensors, so hooks on block
+modules see complete per-sample activations; name the blocks as ``named_modules`` shows them, e.g.
+``--blocks '*layers.*'`` matching the ``_fsdp_wrapped_module`` prefixes (FSDP1) or the plain names (FSDP2).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spp.errors import SppError
+from spp.moments import ChannelMoments, merge_many
+
+ENV_VARS = ("WORLD_SIZE", "RANK")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: ``rank`` of ``world_size`` (1 and 0 outside a distributed run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, num_batches: int) -> list[int]:
+        """The micro-batch indices this rank records: rank, rank + world_size, ..."""
+        return list(range(self.rank, num_batches, self.world_size))
+
+
+def env_context() -> Context:
+    """The rank / world size torchrun (or any launcher setting WORLD_SIZE and RANK) gave this process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise SppError(f"bad distributed environment (WORLD_SIZE / RANK / LOCAL_RANK): {exc}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise SppError(f"bad distributed environment: RANK {rank} of WORLD_SIZE {world}")
+    return Context(rank, world, local)
+
+
+def current() -> Context:
+    """The initialised default process group's view, else the environment's (not yet initialised)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size(), env_context().local_rank)
+    return env_context()
+
+
+def is_main_process() -> bool:
+    """True outside a distributed run, and on rank 0 inside one: the process that writes and prints."""
+    return current().is_main
+
+
+def local_device(spec: str) -> str:
+    """``cuda`` (no index) under torchrun means this rank's own GPU, ``cuda:LOCAL_RANK``."""
+    ctx = env_context()
+    if ctx.active and spec == "cuda":
+        return f"cuda:{ctx.local_rank}"
+    return spec
+
+
+def init_from_env(device: torch.device | None = None) -> Context:
+    """Start the default process group from torchrun's environment, once; a no-op in a single process.
+
+    Backend: nccl when ``device`` is CUDA, gloo otherwise. A group someone else started is used as it is.
+    """
+    import torch.distributed as dist
+
+    ctx = env_context()
+    if not ctx.active:
+        return ctx
+    if not dist.is_available():
+        raise SppError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if dist.is_initialized():
+        return current()
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise SppError("WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are not set: start spp with torchrun, "
+                       "e.g. torchrun --nproc-per-node 2 -m spp record ...")
+    kwargs: dict[str, Any] = {"backend": "gloo"}
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs = {"backend": "nccl", "device_id": device}
+    dist.init_process_group(**kwargs)
+    atexit.register(_shutdown)
+    return current()
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device(moments: Iterable[ChannelMoments]) -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    for m in moments:
+        if m.count and m.mean.device.type == "cpu":
+            return m.mean.device
+    return torch.device("cpu")
+
+
+def merge_moments(recorder, group=None) -> None:
+    """All-gather every tap's (count, mean, M2) and merge them in rank order into ``recorder`` on every rank.
+
+    A collective: every rank of ``group`` (default: the whole world) must call it, with a recorder over the same
+    model (same taps). A rank that saw no micro-batch contributes nothing. Afterwards ``recorder.snapshot()`` is
+    the same on every rank: the statistics over all ranks' samples. ``samples`` and ``batches`` are summed.
+    A no-op without an initialised process group of more than one rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    world = dist.get_world_size(group)
+    moments = [*recorder.outputs, *recorder.residuals]
+    device = _collective_device(moments)
+    # 1. counts and channel counts (a rank that saw nothing does not know the shapes), samples, batches
+    meta = torch.tensor([len(moments), recorder.samples, recorder.batches,
+                         *(m.count for m in moments),
+                         *((m.mean.numel() if m.count else 0) for m in moments)], dtype=torch.int64, device=device)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    metas_host = [t.cpu().tolist() for t in metas]
+    if any(m[0] != len(moments) for m in metas_host):
+        raise SppError(f"ranks recorded different models: tap counts {[m[0] for m in metas_host]}")
+    k = len(moments)
+    channels = [max(m[3 + k + i] for m in metas_host) for i in range(k)]
+    for m in metas_host:
+        for i in range(k):
+            if m[3 + k + i] not in (0, channels[i]):
+                raise SppError(f"ranks disagree on the channels of tap {i % (k // 2 or 1)}: "
+                               f"{[x[3 + k + i] for x in metas_host]}")
+    # 2. the moments, flat, in float64: means then M2s of every tap (zeros where a rank has none)
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    parts = []
+    for m, c in zip(moments, channels, strict=True):
+        if m.count:
+            parts += [m.mean.detach().to(device, acc).reshape(-1), m.m2.detach().to(device, acc).reshape(-1)]
+        else:
+            parts += [torch.zeros(c, dtype=acc, device=device), torch.zeros(c, dtype=acc, device=device)]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=acc, device=device)
+    flats = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(flats, flat, group=group)
+    # 3. merge in rank order, exactly as one stream: rank 0's moments, then rank 1's, ...
+    home = [m.mean.device if m.count else None for m in moments]
+    merged = [ChannelMoments() for _ in moments]
+    for r in range(world):
+        pieces = flats[r].split([c for c in channels for _ in (0, 1)])
+        items = []
+        for i in range(k):
+            n = metas_host[r][3 + i]
+            if n:
+                items.append((merged[i], n, pieces[2 * i], pieces[2 * i + 1]))
+        merge_many(items)
+    for i, (m, target) in enumerate(zip(moments, merged, strict=True)):
+        dev = home[i] if home[i] is not None else device
+        m.count = target.count
+        m.mean = None if target.mean is None else target.mean.to(dev)
+        m.m2 = None if target.m2 is None else target.m2.to(dev)
+    recorder.samples = sum(m[1] for m in metas_host)
+    recorder.batches = sum(m[2] for m in metas_host)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (plain data: a Record, a flag); ``obj`` itself outside a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
