@@ -23,8 +23,12 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def child(model_name: str, width: float, res: int, batch: int, batches: int, which: str, device: str) -> dict:
+def child(model_name: str, width: float, res: int, batch: int, batches: int, which: str, device: str,
+          threads: int | None = None) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import spp.hooks
     from spp.discovery import find_taps
@@ -66,8 +70,10 @@ def child(model_name: str, width: float, res: int, batch: int, batches: int, whi
     return {"seconds": seconds, "before": before, "peak": peak}
 
 
-def measure(model: str, width: float, res: int, batch: int, batches: int, which: str, device: str) -> dict:
-    return _common.run_json([__file__, "--child", json.dumps([model, width, res, batch, batches, which, device])])
+def measure(model: str, width: float, res: int, batch: int, batches: int, which: str, device: str,
+            threads: int | None = None) -> dict:
+    return _common.run_json([__file__, "--child",
+                             json.dumps([model, width, res, batch, batches, which, device, threads])])
 
 
 def main() -> None:
@@ -87,18 +93,24 @@ def main() -> None:
                    ("timm:vit_small_patch16_224", 1.0, 224)]
         scaling = ("nf_resnet600", 1.0, 64, (1, 8, 64))
 
-    def best(model, width, res, batches, which):
-        runs = [measure(model, width, res, 8, batches, which, args.device) for _ in range(reps)]
+    def pair(model, width, res, batches):
+        """(bare, record): each the lowest-peak of ``reps`` fresh processes, the two kinds alternating."""
         import statistics
 
-        low = dict(min(runs, key=lambda r: r["peak"]))  # memory noise is additive: the lowest run
-        low["seconds"] = statistics.median(r["seconds"] for r in runs)
-        return low
+        runs: dict[str, list[dict]] = {"bare": [], "record": []}
+        for _ in range(reps):
+            for which in runs:
+                runs[which].append(measure(model, width, res, 8, batches, which, args.device, args.threads))
+        out = []
+        for which in ("bare", "record"):
+            low = dict(min(runs[which], key=lambda r: r["peak"]))  # memory noise is additive: the lowest run
+            low["seconds"] = statistics.median(r["seconds"] for r in runs[which])
+            out.append(low)
+        return out
 
     rows = []
     for model, width, res in configs:
-        b = best(model, width, res, 1, "bare")
-        r = best(model, width, res, 1, "record")
+        b, r = pair(model, width, res, 1)
         fb, fr = b["peak"] - b["before"], r["peak"] - r["before"]
         rows.append([f"{model}{'' if model.startswith('timm:') else f' w{width:g}'} {res}px", b["peak"] * mib,
                      r["peak"] * mib, r["peak"] / b["peak"], _common.verdict(r["peak"] / b["peak"], 1.10),
@@ -113,8 +125,7 @@ def main() -> None:
     rows = []
     base = None
     for k in counts:
-        b = best(model, width, res, k, "bare")
-        r = best(model, width, res, k, "record")
+        b, r = pair(model, width, res, k)
         base = base or (b["seconds"], r["seconds"])
         rows.append([k, b["peak"] * mib, r["peak"] * mib, r["peak"] / b["peak"],
                      _common.verdict(r["peak"] / b["peak"], 1.10), b["seconds"], r["seconds"],

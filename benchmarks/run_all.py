@@ -50,7 +50,7 @@ def main() -> None:
         cmd = [sys.executable, os.path.join(HERE, SCRIPTS[name])]
         if args.quick:
             cmd.append("--quick")
-        if args.threads and name in ("moments", "overhead"):
+        if args.threads and name in ("moments", "overhead", "memory"):
             cmd += ["--threads", str(args.threads)]
         if args.baseline and name == "build":
             cmd += ["--baseline", args.baseline]

@@ -14,6 +14,7 @@ with a warning, never an error. ``--no-cache`` (``use_cache=False``) neither rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from spp.record import Record
 
 ENV = "SPP_CACHE_DIR"
 KEY_VERSION = 1
+MAX_ENTRIES = 256  # beyond this many files the oldest go (an entry is ~10 kB per 100 blocks)
 
 
 def cache_dir() -> Path:
@@ -131,7 +133,19 @@ def store(cfg, key: str, rec: Record) -> Path | None:
         warnings.warn(f"could not write the curve cache at {path.parent} ({exc}); set {ENV} to a writable "
                       "folder or pass --no-cache", stacklevel=2)
         return None
+    _prune(path.parent)
     return path
+
+
+def _prune(folder: Path, keep: int = MAX_ENTRIES) -> None:
+    """Delete the least recently written entries beyond ``keep`` (stale keys of older code pile up otherwise)."""
+    try:
+        files = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+    except OSError:
+        return
+    for f in files[keep:]:
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 def cached_record(cfg, compute: Callable[[], Record], *, use_cache: bool = True) -> Record:
@@ -172,5 +186,5 @@ def clear() -> int:
                 f.unlink()
                 removed += 1
             except OSError:
-                pass
+                continue
     return removed

@@ -174,7 +174,7 @@ def merge_moments(recorder, group=None) -> None:
     parts = []
     for m, c in zip(moments, channels, strict=True):
         if m.count:
-            parts += [m.mean.detach().to(device, acc).reshape(-1), m.m2.detach().to(device, acc).reshape(-1)]
+            parts += [m.mean.detach().to(device).to(acc).reshape(-1), m.m2.detach().to(device).to(acc).reshape(-1)]
         else:
             parts += [torch.zeros(c, dtype=acc, device=device), torch.zeros(c, dtype=acc, device=device)]
     flat = torch.cat(parts) if parts else torch.zeros(0, dtype=acc, device=device)

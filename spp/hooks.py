@@ -21,7 +21,7 @@ from torch import nn
 
 from spp.discovery import find_taps, stage_ends
 from spp.errors import SppError
-from spp.moments import ChannelMoments, channel_axis, channel_stats, finalize_many, merge_many
+from spp.moments import ChannelMoments, Workspace, channel_axis, channel_stats, finalize_many, merge_many
 from spp.record import Record
 from spp.taps import Difference, Site, Tap
 
@@ -118,12 +118,14 @@ class SignalRecorder:
         self._stash: dict[Site, torch.Tensor] = {}
         # (0 = output / 1 = residual, tap index, n, mean, m2) per hooked tensor, merged by _flush
         self._pending: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+        self._workspace = Workspace()  # memory the hooks reuse: no allocation of theirs outlives them
         self.reset()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything recorded so far (the hooks stay)."""
         self._pending.clear()
+        self._workspace.rewind()
         self._moments = ([ChannelMoments() for _ in self.taps], [ChannelMoments() for _ in self.taps])
         self.samples = 0
         self.batches = 0
@@ -158,6 +160,7 @@ class SignalRecorder:
             h.remove()
         self._handles.clear()
         self._stash.clear()
+        self._workspace.release()
         self._state.restore()
 
     # ---- hooks -------------------------------------------------------------------------------------------------
@@ -189,10 +192,10 @@ class SignalRecorder:
         self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
 
     def _updater(self, which: int, i: int, channel_dim: int | None) -> Callable[[torch.Tensor], None]:
-        pending = self._pending
+        pending, ws = self._pending, self._workspace
 
         def update(x: torch.Tensor) -> None:
-            n, mean, m2 = channel_stats(x, channel_axis(x, channel_dim))
+            n, mean, m2 = channel_stats(x, channel_axis(x, channel_dim), ws)
             pending.append((which, i, n, mean, m2))
 
         return update
@@ -207,13 +210,13 @@ class SignalRecorder:
         return keep
 
     def _differ(self, i: int, site: Site, channel_dim: int | None) -> Callable[[torch.Tensor], None]:
-        stash, pending = self._stash, self._pending
+        stash, pending, ws = self._stash, self._pending, self._workspace
 
         def differ(x: torch.Tensor) -> None:
             shortcut = stash.pop(site, None)
             if shortcut is not None and shortcut.shape == x.shape:
                 branch = x - shortcut
-                n, mean, m2 = channel_stats(branch, channel_axis(branch, channel_dim))
+                n, mean, m2 = channel_stats(branch, channel_axis(branch, channel_dim), ws)
                 pending.append((1, i, n, mean, m2))
 
         return differ
@@ -236,6 +239,7 @@ class SignalRecorder:
         pending, lists = list(self._pending), self._moments
         self._pending.clear()
         merge_many([(lists[which][i], n, mean, m2) for which, i, n, mean, m2 in pending])
+        self._workspace.rewind()  # the merged results were copied into the running moments
 
     # ---- results -----------------------------------------------------------------------------------------------
     def moments(self) -> list[tuple[ChannelMoments, ChannelMoments]]:

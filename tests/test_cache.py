@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -146,3 +147,13 @@ def test_cli_no_cache_flag(tmp_path, cache_dir, recordings):
 def test_clear_removes_entries(cache_dir):
     spp.references.record_reference(CFG, REF)
     assert cache.clear() == 1 and entries(cache_dir) == []
+
+
+def test_old_entries_are_pruned(cache_dir):
+    folder = cache_dir / "records"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        (folder / f"old{i}.json").write_text("{}")
+        os.utime(folder / f"old{i}.json", ns=(i * 10**9, i * 10**9))
+    cache._prune(folder, keep=3)
+    assert sorted(f.name for f in folder.iterdir()) == ["old2.json", "old3.json", "old4.json"]

@@ -15,7 +15,7 @@ from spp.cli import app
 from spp.errors import SppError
 from spp.loading import LoadedModel
 from spp.models import create_model
-from spp.moments import ChannelMoments, channel_stats, finalize_many, merge_many
+from spp.moments import ChannelMoments, Workspace, channel_stats, finalize_many, merge_many
 from spp.run import RunConfig, record_model, resolve_device, resolve_dtype
 
 CUDA = torch.cuda.is_available()
@@ -32,6 +32,9 @@ def direct(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check(x: torch.Tensor, axis: int, rel: float = 1e-5) -> None:
     n, mean, m2 = channel_stats(x, axis)
+    ws = Workspace()  # the recorder's path: reused scratch and result memory, the same numbers
+    n_ws, mean_ws, m2_ws = channel_stats(x, axis, ws)
+    assert n_ws == n and torch.equal(mean_ws, mean) and torch.equal(m2_ws, m2)
     ref_mean, ref_var = direct(x, axis)
     assert n == x.numel() // x.shape[axis]
     assert mean.shape == m2.shape == (x.shape[axis],)
