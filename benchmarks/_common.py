@@ -37,11 +37,13 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def interleaved(fns: dict[str, Callable[[], object] | tuple], reps: int, warmup: int = 1) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object] | tuple], reps: int, warmup: int = 1,
+                mins: dict[str, float] | None = None) -> dict[str, float]:
     """Median wall time (s) of each candidate, run A, B, C, A, B, C, ... after ``warmup`` rounds.
 
     A candidate is a function, or ``(enter, fn, exit)``: only ``fn`` is timed (e.g. hooks put in place by
-    ``enter`` and removed by ``exit``, so the other candidates run without them).
+    ``enter`` and removed by ``exit``, so the other candidates run without them). ``mins``, if given, receives
+    each candidate's fastest time (the estimate least disturbed by other processes on a shared machine).
     """
     def parts(c):
         return c if isinstance(c, tuple) else (None, c, None)
@@ -66,6 +68,8 @@ def interleaved(fns: dict[str, Callable[[], object] | tuple], reps: int, warmup:
     for _ in range(reps):
         for k, c in fns.items():
             times[k].append(once(c))
+    if mins is not None:
+        mins.update({k: min(v) for k, v in times.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 

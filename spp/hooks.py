@@ -21,7 +21,15 @@ from torch import nn
 
 from spp.discovery import find_taps, stage_ends
 from spp.errors import SppError
-from spp.moments import ChannelMoments, Workspace, channel_axis, channel_stats, finalize_many, merge_many
+from spp.moments import (
+    ChannelMoments,
+    Sums,
+    Workspace,
+    batch_moments,
+    channel_axis,
+    finalize_many,
+    merge_many,
+)
 from spp.record import Record
 from spp.taps import Difference, Site, Tap
 
@@ -92,7 +100,8 @@ class SignalRecorder:
     sets it for the duration and restores flags and buffers (bitwise) on exit, also when the forward raises.
     Hooks are always removed on exit. ``snapshot()`` returns the Record so far; ``reset()`` starts a new one.
 
-    Cost per hooked tensor: a two-pass per-channel mean / M2 on its device (``spp.moments.channel_stats``), no
+    Cost per hooked tensor: per-channel sums and sums of squares (CPU, where precise enough: ``channel_sums``) or
+    an exact two-pass mean / M2 (``channel_stats``) on its device, no
     host sync, no autograd graph, no copy kept. The C-sized Chan merges of all taps run batched once per forward
     (a hook on the model itself), or at ``snapshot()``/``moments()`` when the blocks are called some other way.
     """
@@ -117,7 +126,7 @@ class SignalRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stash: dict[Site, torch.Tensor] = {}
         # (0 = output / 1 = residual, tap index, n, mean, m2) per hooked tensor, merged by _flush
-        self._pending: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[int, int, int, torch.Tensor | Sums, torch.Tensor | None]] = []
         self._workspace = Workspace()  # memory the hooks reuse: no allocation of theirs outlives them
         self.reset()
 
@@ -195,8 +204,7 @@ class SignalRecorder:
         pending, ws = self._pending, self._workspace
 
         def update(x: torch.Tensor) -> None:
-            n, mean, m2 = channel_stats(x, channel_axis(x, channel_dim), ws)
-            pending.append((which, i, n, mean, m2))
+            pending.append((which, i, *batch_moments(x, channel_axis(x, channel_dim), ws)))
 
         return update
 
@@ -216,8 +224,7 @@ class SignalRecorder:
             shortcut = stash.pop(site, None)
             if shortcut is not None and shortcut.shape == x.shape:
                 branch = x - shortcut
-                n, mean, m2 = channel_stats(branch, channel_axis(branch, channel_dim), ws)
-                pending.append((1, i, n, mean, m2))
+                pending.append((1, i, *batch_moments(branch, channel_axis(branch, channel_dim), ws)))
 
         return differ
 

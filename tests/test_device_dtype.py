@@ -11,11 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 import spp.hooks
+import spp.moments
 from spp.cli import app
 from spp.errors import SppError
 from spp.loading import LoadedModel
 from spp.models import create_model
-from spp.moments import ChannelMoments, Workspace, channel_stats, finalize_many, merge_many
+from spp.moments import ChannelMoments, Sums, Workspace, channel_stats, channel_sums, finalize_many, merge_many
 from spp.run import RunConfig, record_model, resolve_device, resolve_dtype
 
 CUDA = torch.cuda.is_available()
@@ -123,6 +124,110 @@ def test_merge_many_equals_sequential_adds():
         assert torch.allclose(a.m2, b.m2, rtol=1e-12, atol=1e-12)
     for s, t in zip(finalize_many(merged), merged, strict=True):
         assert s.avg_var == pytest.approx(t.finalize().avg_var, rel=1e-12)
+
+
+# ---- the fast path: sums and sums of squares, refused where they would cancel -----------------------------------
+def standardised(shape, mean: float, axis: int = 1, seed: int = 0) -> torch.Tensor:
+    """float32 data whose every channel has (in float64) exactly this mean and variance 1: kappa = 1 + mean^2."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).movedim(axis, 0)
+    flat = x.reshape(x.shape[0], -1)
+    flat = (flat - flat.mean(1, keepdim=True)) / flat.std(1, correction=0, keepdim=True)
+    return (flat.reshape(x.shape) + mean).movedim(0, axis).float().contiguous()
+
+
+def fast_moments(x: torch.Tensor, axis: int) -> tuple[Sums, ChannelMoments]:
+    sums = channel_sums(x, axis, Workspace())
+    assert sums is not None, f"fast path refused {tuple(x.shape)}"
+    m = ChannelMoments()
+    merge_many([(m, sums.n, sums, None)])
+    return sums, m
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 16, 16), (4, 8, 8, 8), (2, 3, 40, 40), (1, 2, 100, 100), (8, 16, 4, 4),
+                                   (8, 32, 2, 2), (16, 8, 1, 1), (8, 16), (3, 5, 6, 7, 8), (300, 4, 3, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_channel_sums_equal_float64_where_they_apply(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 1.5 + 0.5  # kappa ~ 1.1
+    if shape == (300, 4, 3, 3):  # more leading rows than one matrix-vector product sums: the exact path
+        assert channel_sums(x, 1, Workspace()) is None
+        return
+    sums, m = fast_moments(x, 1)
+    ref_mean, ref_var = direct(x, 1)
+    assert sums.n == m.count == x.numel() // x.shape[1]
+    assert m.mean.dtype == torch.float64
+    assert ((m.mean - ref_mean).abs() / ref_var.sqrt()).max() < 1e-6
+    assert ((m.m2 / m.count - ref_var).abs() / ref_var).max() < 1e-5
+
+
+def test_channel_sums_channels_last_equals_contiguous():
+    x = torch.randn(4, 12, 6, 6, generator=torch.Generator().manual_seed(2))
+    _, a = fast_moments(x, 1)
+    _, b = fast_moments(x.to(memory_format=torch.channels_last), 1)
+    ref_mean, ref_var = direct(x, 1)
+    for m in (a, b):
+        assert torch.allclose(m.mean, ref_mean, rtol=0, atol=1e-6)
+        assert torch.allclose(m.m2 / m.count, ref_var, rtol=1e-5, atol=0)
+    assert channel_sums(x.transpose(2, 3), 1, Workspace()) is None  # other strides: the exact path copies
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_channel_sums_guard_refuses_cancellation(layout):
+    shape = (4, 6, 12, 12) if layout == "rows" else (16, 6, 2, 2)
+    assert channel_sums(standardised(shape, mean=2.0), 1, Workspace()) is not None  # kappa 5 < 8
+    assert channel_sums(standardised(shape, mean=3.0), 1, Workspace()) is None  # kappa 10 > 8
+    assert channel_sums(standardised(shape, mean=0.0) * 1e-3 + 100.0, 1, Workspace()) is None  # kappa 1e10
+    bad = torch.randn(shape)
+    bad[0, 1, 0, 0] = float("nan")
+    assert channel_sums(bad, 1, Workspace()) is None  # NaN: the exact path reports the channel
+    bad[0, 1, 0, 0] = float("inf")
+    assert channel_sums(bad, 1, Workspace()) is None
+    assert channel_sums(torch.randn(shape, dtype=torch.float64), 1, Workspace()) is None  # float64: exact
+    zeros = fast_moments(torch.zeros(shape), 1)[1]  # a dead layer: exactly zero, not refused
+    assert torch.equal(zeros.m2, torch.zeros(6, dtype=torch.float64))
+
+
+def test_recorder_fast_path_equals_exact_path(monkeypatch):
+    """The recorder's statistics with the fast path on equal those with it off (all exact) to 1e-6, and both
+    paths ran: NF blocks are centred (fast), the ws=False ablation is mean-shifted (refused, exact)."""
+    took = {"fast": 0, "refused": 0}
+    real = spp.moments.channel_sums
+
+    def counting(x, axis, ws):
+        out = real(x, axis, ws)
+        took["fast" if out is not None else "refused"] += 1
+        return out
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for ws in (True, False):
+        torch.manual_seed(0)
+        model = create_model("nf_resnet50", width=0.125, ws=ws)
+        monkeypatch.setattr(spp.moments, "channel_sums", counting)
+        fast = spp.hooks.record(model, x.split(2))
+        monkeypatch.setattr(spp.moments, "channel_sums", lambda x, axis, ws: None)
+        exact = spp.hooks.record(model, x.split(2))
+        for a, b in zip(fast.rows, exact.rows, strict=True):
+            for key in ("avg_sq_mean", "avg_var", "res_avg_var"):
+                assert a[key] == pytest.approx(b[key], rel=1e-6, nan_ok=True), (a["name"], key)
+    assert took["fast"] > 0 and took["refused"] > 0
+
+
+def test_merge_many_mixes_sums_and_exact_moments():
+    g = torch.Generator().manual_seed(6)
+    merged, sequential, items = ChannelMoments(), ChannelMoments(), []
+    for k in range(5):
+        x = torch.randn(4, 6, 8, 8, generator=g) + 0.1 * k
+        if k % 2:
+            n, mean, m2 = channel_stats(x, 1)
+            items.append((merged, n, mean, m2))
+        else:
+            sums = channel_sums(x, 1, Workspace())
+            items.append((merged, sums.n, sums, None))
+        sequential.update(x)
+    merge_many(items)
+    assert merged.count == sequential.count
+    assert torch.allclose(merged.mean, sequential.mean, rtol=0, atol=1e-6)
+    assert torch.allclose(merged.m2, sequential.m2, rtol=1e-6, atol=0)
 
 
 def test_state_is_a_copy_and_round_trips():
