@@ -38,12 +38,13 @@ def set_threads(n: int | None) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object] | tuple], reps: int, warmup: int = 1,
-                mins: dict[str, float] | None = None) -> dict[str, float]:
-    """Median wall time (s) of each candidate, run A, B, C, A, B, C, ... after ``warmup`` rounds.
+                samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Median wall time (s) of each candidate, run in rounds A, B, C / B, C, A / C, A, B ... after ``warmup``
+    rounds (the order rotates, so no candidate always runs first after a ``gc.collect``).
 
     A candidate is a function, or ``(enter, fn, exit)``: only ``fn`` is timed (e.g. hooks put in place by
-    ``enter`` and removed by ``exit``, so the other candidates run without them). ``mins``, if given, receives
-    each candidate's fastest time (the estimate least disturbed by other processes on a shared machine).
+    ``enter`` and removed by ``exit``, so the other candidates run without them). ``samples``, if given, receives
+    every candidate's times, one per round in round order, for ``paired``.
     """
     def parts(c):
         return c if isinstance(c, tuple) else (None, c, None)
@@ -64,13 +65,20 @@ def interleaved(fns: dict[str, Callable[[], object] | tuple], reps: int, warmup:
     for _ in range(warmup):
         for c in fns.values():
             once(c)
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, c in fns.items():
-            times[k].append(once(c))
-    if mins is not None:
-        mins.update({k: min(v) for k, v in times.items()})
+    for r in range(reps):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            times[k].append(once(fns[k]))
+    if samples is not None:
+        samples.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time in the same round: on a machine whose speed drifts (a shared
+    VM), the two numbers of one round were taken seconds apart, so the drift mostly cancels."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], note: str = "") -> str:

@@ -41,6 +41,55 @@ def timm_hooks(model, modules: list[str]):
     return hook, handles
 
 
+def accounted(model, x, taps, mode: str, forwards: int = 3) -> tuple[float, float]:
+    """(ms per forward spent inside spp's hooks and end-of-forward merge, that / the rest of the forward), timed
+    inside the same forwards: immune to the machine's drift between repetitions, blind to indirect costs (cache
+    pollution, torch's slower module call when hooks exist), which the interleaved wall-clock ratios include."""
+    import time
+
+    import spp.hooks
+
+    spent = [0.0]
+
+    def timed(factory):
+        def make(fns):
+            hook = factory(fns)
+
+            def run(*args):
+                t = time.perf_counter()
+                try:
+                    return hook(*args)
+                finally:
+                    spent[0] += time.perf_counter() - t
+
+            return run
+
+        return make
+
+    real = spp.hooks._post_hook, spp.hooks._pre_hook
+    spp.hooks._post_hook, spp.hooks._pre_hook = timed(real[0]), timed(real[1])
+    try:
+        recorder = spp.hooks.SignalRecorder(model, taps=taps, mode=mode)
+        flush = recorder._flush
+
+        def timed_flush():
+            t = time.perf_counter()
+            flush()
+            spent[0] += time.perf_counter() - t
+
+        recorder._flush = timed_flush
+        with recorder, torch.no_grad():
+            model(x)  # warm-up
+            spent[0] = 0.0
+            t = time.perf_counter()
+            for _ in range(forwards):
+                model(x)
+            total = time.perf_counter() - t
+    finally:
+        spp.hooks._post_hook, spp.hooks._pre_hook = real
+    return spent[0] / forwards * 1e3, spent[0] / (total - spent[0])
+
+
 def measure(name: str, res: int, width: float, reps: int):
     import spp.hooks
     from spp.discovery import find_taps
@@ -64,16 +113,17 @@ def measure(name: str, res: int, width: float, reps: int):
         find_taps(model)
 
     live = (recorder.__enter__, bare, lambda: recorder.__exit__(None, None, None))
-    fast: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
     t = _common.interleaved({"bare": bare, "record": record_call, "live": live, "discovery": discovery}, reps,
-                            mins=fast)
+                            samples=runs)
     recorder.reset()
-    row = [label, t["bare"] * 1e3, t["record"] * 1e3, t["record"] / t["bare"],
-           _common.verdict(t["record"] / t["bare"], 1.05), t["live"] * 1e3,
-           t["live"] / t["bare"], _common.verdict(t["live"] / t["bare"], 1.05),
-           fast["record"] / fast["bare"], fast["live"] / fast["bare"]]
+    rec_ratio, live_ratio = _common.paired(runs, "record", "bare"), _common.paired(runs, "live", "bare")
+    row = [label, t["bare"] * 1e3, t["record"] * 1e3, t["live"] * 1e3, t["record"] / t["bare"],
+           t["live"] / t["bare"], rec_ratio, _common.verdict(rec_ratio, 1.05), live_ratio,
+           _common.verdict(live_ratio, 1.05)]
+    in_hooks, share = accounted(model, x, taps, mode)
     setup_row = [label, len(taps) - 1, t["discovery"] * 1e3, (t["record"] - t["bare"]) * 1e3,
-                 (t["live"] - t["bare"]) * 1e3]
+                 (t["live"] - t["bare"]) * 1e3, in_hooks, 1 + share]
     if x.ndim == 4 and "vit" not in name:
         handles: list = []
 
@@ -86,15 +136,15 @@ def measure(name: str, res: int, width: float, reps: int):
             handles.clear()
 
         timm = (add_timm, bare, remove_timm)
-        fp: dict[str, float] = {}
-        tp = _common.interleaved({"bare": bare, "timm": timm, "live": live}, reps, mins=fp)
+        pr: dict[str, list[float]] = {}
+        tp = _common.interleaved({"bare": bare, "timm": timm, "live": live}, reps, samples=pr)
         recorder.reset()
+        peer = _common.paired(pr, "live", "timm")
         peer_row = [label, len(sites), tp["bare"] * 1e3, tp["timm"] * 1e3, tp["live"] * 1e3,
-                    tp["live"] / tp["timm"], _common.verdict(tp["live"] / tp["timm"], 0.8),
-                    fp["live"] / fp["timm"],
+                    tp["live"] / tp["timm"], peer, _common.verdict(peer, 0.8),
                     (tp["timm"] - tp["bare"]) / max(tp["live"] - tp["bare"], 1e-9)]
     else:
-        peer_row = [label, len(sites), "-", "-", "-", "n/a", "-", "-",
+        peer_row = [label, len(sites), "-", "-", "-", "-", "n/a", "-",
                     "timm's functions reduce axes (0, 2, 3): 4-D only"]
     return row, setup_row, peer_row
 
@@ -118,17 +168,21 @@ def main() -> None:
         setup_rows.append(su)
         peer_rows.append(pe)
     _common.table("Recording overhead vs a bare no-grad forward (batch 8)",
-                  ["model", "bare ms", "record() ms", "record()/bare", "<=1.05", "live ms/forward",
-                   "live/bare", "<=1.05", "record()/bare (min)", "live/bare (min)"], rows,
-                  note=f"{_common.machine()}. Medians of {reps} interleaved repetitions; (min): the same ratio "
-                       "from each candidate's fastest repetition, the least disturbed by other processes.")
+                  ["model", "bare ms", "record() ms", "live ms/forward", "record()/bare (medians)",
+                   "live/bare (medians)", "record()/bare (paired)", "<=1.05", "live/bare (paired)", "<=1.05"], rows,
+                  note=f"{_common.machine()}. {reps} rounds, candidates interleaved in rotating order; (medians): "
+                       "ratio of the medians; (paired): median over rounds of the ratio within a round, robust to "
+                       "the machine's speed drifting between rounds. Verdicts on the paired ratios.")
     _common.table("Where record()'s extra time goes", ["model", "blocks", "discovery ms (find_taps)",
-                  "record() - bare ms", "live - bare ms"], setup_rows,
+                  "record() - bare ms", "live - bare ms", "in hooks ms/forward", "(forward) / (forward - hooks)"],
+                  setup_rows,
                   note="record() - bare = discovery + hook registration + state save/restore + statistics + "
-                       "snapshot; live - bare = statistics and hook dispatch per forward.")
+                       "snapshot; live - bare = statistics and hook dispatch per forward. The last two columns time "
+                       "spp's hooks and end-of-forward merge inside the same forwards (no drift between "
+                       "repetitions; indirect costs left out).")
     _common.table("Against timm.utils.ActivationStatsHook (avg_sq_ch_mean + avg_ch_var, same modules)",
-                  ["model", "modules", "bare ms", "timm hooks ms", "spp live ms", "spp/timm", "<=0.8",
-                   "spp/timm (min)", "timm overhead / spp overhead"], peer_rows)
+                  ["model", "modules", "bare ms", "timm hooks ms", "spp live ms", "spp/timm (medians)",
+                   "spp/timm (paired)", "<=0.8", "timm overhead / spp overhead"], peer_rows)
 
 
 if __name__ == "__main__":

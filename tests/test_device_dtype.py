@@ -187,6 +187,17 @@ def test_channel_sums_guard_refuses_cancellation(layout):
     assert torch.equal(zeros.m2, torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape", [(256, 32, 1, 1), (64, 16, 3, 3), (4, 8, 40, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_channel_sums_precision_at_the_guards_limit(shape):
+    x = standardised(shape, mean=2.6, seed=4)  # kappa = 7.76, just inside the guard
+    _, m = fast_moments(x, 1)
+    _, ref_var = direct(x, 1)
+    var = m.m2 / m.count
+    assert ((var - ref_var).abs() / ref_var).max() < 3e-5  # one channel
+    assert abs(var.mean() - ref_var.mean()) / ref_var.mean() < 1e-6  # the average spp reports
+
+
 def test_recorder_fast_path_equals_exact_path(monkeypatch):
     """The recorder's statistics with the fast path on equal those with it off (all exact) to 1e-6, and both
     paths ran: NF blocks are centred (fast), the ws=False ablation is mean-shifted (refused, exact)."""
