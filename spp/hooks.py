@@ -125,7 +125,7 @@ class SignalRecorder:
         self._state = _ModelState(model, mode)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stash: dict[Site, torch.Tensor] = {}
-        # (0 = output / 1 = residual, tap index, n, mean, m2) per hooked tensor, merged by _flush
+        # (0 = output / 1 = residual, tap index, n, mean, m2) or (..., n, Sums, None) per hooked tensor, for _flush
         self._pending: list[tuple[int, int, int, torch.Tensor | Sums, torch.Tensor | None]] = []
         self._workspace = Workspace()  # memory the hooks reuse: no allocation of theirs outlives them
         self.reset()

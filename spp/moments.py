@@ -1,6 +1,6 @@
 """Per-channel count / mean / M2, streamed over micro-batches and merged exactly (Chan et al., 1979).
 
-A forward hook hands an activation to ``channel_stats``: a two-pass mean / M2 over the non-channel axes in
+A forward hook hands an activation to ``batch_moments``: its per-channel moments over the non-channel axes in
 float32 or better (the activation's own dtype when it is float64), computed on the activation's device with no
 host sync. Those per-batch moments merge into running ones in float64 (float32 on MPS) with Chan's update, one
 tap at a time (``ChannelMoments.update``/``merge``) or many taps at once (``merge_many``, what the recorder does
@@ -12,10 +12,11 @@ Two ways to a tensor's moments on CPU, chosen per tensor:
 * ``channel_sums`` (the recorder's fast path): per-row sums and sums of squares in float32, two read-only passes
   (``sum`` and ``linalg.vector_norm``; a multiply into reused scratch where rows are short), reduced to float64
   mean / M2 for all taps at once after the forward. M2 = Q - S^2/n cancels when a channel's mean is large against
-  its spread, so a guard (two dot products) refuses the tensor when the within-row M2 is below 1/``_KAPPA`` of
-  the sum of squares: the relative error of the average variance then stays below ``_KAPPA`` times float32's
-  summation error, and refused tensors take the exact path. Measured against float64: ~2e-7 on centred data; at
-  the guard's limit up to 1.2e-5 for one channel's variance, 5e-7 for the channel average.
+  its spread, so a guard (a dot product and a sum over channels) refuses the tensor when the M2 its sums imply is
+  below 1/``_KAPPA`` of its sum of squares: the relative error of the average variance then stays below
+  ``_KAPPA`` times float32's summation error, and refused tensors take the exact path. Measured against
+  float64: ~2e-7 on centred data; at the guard's limit up to 1.2e-5 for one channel's variance, 5e-7 for the
+  channel average.
 * ``channel_stats`` (exact, two-pass): the mean, then the squared deviations from it, summed. Used for everything
   the fast path refuses (mean-shifted nets: the very thing an SPP shows), float64 input, CUDA (one fused
   ``var_mean`` kernel) and MPS. On CPU the reductions are laid out by shape (a contiguous (outer, C, inner) view,
@@ -38,7 +39,7 @@ _CHUNK_MIN = 1 << 20
 _CHUNK = 1 << 18
 # Inner extents this short (but > 1) use torch.batch_norm_update_stats (CPU only).
 _BN_INNER = 4
-# The fast path (channel_sums): refuse a tensor whose within-row M2 is below 1/_KAPPA of its sum of squares.
+# The fast path (channel_sums): refuse a tensor whose implied M2 is below 1/_KAPPA of its sum of squares.
 _KAPPA = 8.0
 # Its rows (summed over the inner axes) are at most this long: vector_norm accumulates sequentially in float32,
 # and its error grows with the row length (measured 3e-7 relative at 3136, 7e-7 at 12544).
@@ -174,13 +175,15 @@ def channel_sums(x: torch.Tensor, axis: int, workspace: Workspace) -> Sums | Non
             outer, inner, shape = n, 1, x.shape
         else:
             return None
+    length = inner
+    if inner > _ROW_MAX:  # shorter rows: one per image row
+        length = shape[-1]
+        if x.ndim - 1 == axis or not 32 <= length <= _ROW_MAX:
+            return None
+    elif inner < 32 and outer > _COL_MAX:
+        return None
     s_out, q_out = workspace.results(channels, torch.float32)
     if inner >= 32:
-        length = inner
-        if length > _ROW_MAX:  # shorter rows: one per image row
-            length = shape[-1]
-            if x.ndim - 1 == axis or not 32 <= length <= _ROW_MAX:
-                return None
         rows = x.reshape(-1, length)  # a view (x is contiguous): (outer, C, inner / length) rows
         s = torch.sum(rows, 1)
         q = torch.linalg.vector_norm(rows, 2, 1).square_()
@@ -190,7 +193,7 @@ def channel_sums(x: torch.Tensor, axis: int, workspace: Workspace) -> Sums | Non
         else:
             torch.sum(s.view(outer, channels, -1), (0, 2), out=s_out)
             torch.sum(q.view(outer, channels, -1), (0, 2), out=q_out)
-    elif outer <= _COL_MAX:
+    else:
         cols = x.reshape(outer, channels * inner)
         squares = torch.mul(cols, cols, out=workspace.squared(cols))
         for values, out in ((cols, s_out), (squares, q_out)):
@@ -199,8 +202,6 @@ def channel_sums(x: torch.Tensor, axis: int, workspace: Workspace) -> Sums | Non
             else:
                 column = torch.mv(values.t(), workspace.ones(outer))
                 torch.mv(column.view(channels, inner), workspace.ones(inner), out=out)
-    else:
-        return None
     # Guard: the M2 the sums imply must be at least 1/_KAPPA of the sum of squares; NaN / inf go the exact way.
     total_q = float(q_out.sum())
     if not (math.isfinite(total_q) and float(torch.dot(s_out, s_out)) / n <= total_q * (1.0 - 1.0 / _KAPPA)):
