@@ -14,13 +14,20 @@ SiteKind = Literal["output", "input"]
 
 @dataclass(frozen=True)
 class Site:
-    """A tensor in the forward pass: the output of a module, or the first positional input of a module."""
+    """A tensor in the forward pass: the output of a module, or one input argument of a module.
+
+    ``arg`` picks the input: a position (0 = the first positional argument; found by its parameter name when the
+    caller passes it as a keyword) or a keyword name. BERT's ``BertSelfOutput.forward(hidden, input_tensor)`` adds
+    into its second argument: ``Site("...output", "input", 1)`` is that shortcut.
+    """
 
     module: str  # qualified name in model.named_modules(); "" is the model itself
     kind: SiteKind = "output"
+    arg: int | str = 0
 
     def __str__(self) -> str:
-        return f"{self.module or '<model>'}:{self.kind}"
+        where = f"{self.module or '<model>'}:{self.kind}"
+        return where if self.arg == 0 else f"{where}[{self.arg}]"
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,11 @@ class Tap:
     ``residual`` is the branch before any skip gain, alpha or layer scale; ``None`` for the stem.
     ``channel_dim`` is the channel axis of both tensors, ``None`` to infer it from the rank
     (2-D and 4-D/5-D: axis 1; 3-D token layouts (B, N, C): the last axis).
+    ``shortcut`` is where the value the branch is added to can be read (the block input, the previous addition,
+    a projection's output), so that ``output == shortcut + scale * branch`` can be checked on real tensors.
+    ``branch`` names the branch of a block that adds several ("attn", "mlp"); "" for a block's only branch.
+    ``stream`` says what ``output`` holds when it is not the plain sum after the addition (post-norm blocks:
+    the input of the norm that follows the addition).
     """
 
     name: str
@@ -53,3 +65,7 @@ class Tap:
     note: str = ""  # e.g. "branch is zero at init (zero-init gain)"
     expected_var: float | None = None  # theory for the output variance, where the model knows it (NF-ResNets)
     residual_channel_dim: int | None = None  # the branch's own channel axis where it differs (ConvNeXt's NHWC mlp)
+    shortcut: Site | None = None
+    branch: str = ""
+    stream: str = ""
+    layer: int = -1  # the block's number (0 = stem); the taps of one block share it; set by find_taps
