@@ -28,8 +28,8 @@ import torch
 
 import spp
 import spp.hooks
-from spp.compare import compare_records
-from spp.run import RunConfig, record_model
+from spp.comparison import compare_records
+from spp.run import RunConfig, record_run
 
 OUT = Path(os.environ.get("SPP_EXAMPLE_OUT", "spp_notebook"))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -60,10 +60,10 @@ df = rec.to_frame()
 print(df[["block", "name", "stage", "avg_sq_mean", "avg_var", "res_avg_var"]].to_string(index=False))
 
 # %% [markdown]
-# `Record.plot` draws the three panels and returns the Figure; pass three axes to place it yourself.
+# `spp.plot` draws the three panels and returns the Figure; pass three axes to place it yourself.
 
 # %%
-fig = rec.plot(title="timm resnet18 at initialisation")
+fig = spp.plot(rec, title="timm resnet18 at initialisation")
 fig.savefig(OUT / "resnet18.png")
 
 # %% [markdown]
@@ -95,7 +95,7 @@ with spp.hooks.SignalRecorder(model) as recorder:
 # Records save as `.pt` (read back with `weights_only=True`), `.json`, `.parquet` or `.csv`, exactly.
 
 # %%
-path = rec.save(OUT / "resnet18.pt")
+path = spp.save_record(rec, OUT / "resnet18.pt")
 again = spp.load_record(path)
 assert again.rows[5]["avg_var"] == rec.rows[5]["avg_var"]
 
@@ -111,10 +111,10 @@ print(steps.divergence.to_string(index=False))
 # Against spp's BN-ReLU-Conv ResNet-50 (16 blocks vs 8) the alignment is by relative depth.
 
 # %%
-reference = record_model(RunConfig(model="bn_relu_resnet50", model_kwargs={"width": WIDTH},
+reference = record_run(RunConfig(model="bn_relu_resnet50", model_kwargs={"width": WIDTH},
                                    resolution=RESOLUTION, batch_size=BATCH, label="BN-ReLU-Conv ResNet-50"))
 both = compare_records([rec, reference])
 print(both.alignment_note)
 print(both.stages.to_string(index=False))
-fig = spp.render.plot([rec, reference], x="relative", title="timm resnet18 vs BN-ReLU-Conv ResNet-50")
+fig = spp.plot([rec, reference], x="relative", title="timm resnet18 vs BN-ReLU-Conv ResNet-50")
 fig.savefig(OUT / "compare.png")

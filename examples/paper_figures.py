@@ -20,15 +20,15 @@ from pathlib import Path
 
 from spp import render
 from spp.models import DEPTHS
-from spp.record import Record
-from spp.run import RunConfig, record_model
+from spp.records import Record
+from spp.run import RunConfig, record_run
 
 
 def _record(args: argparse.Namespace, family: str, label: str, **kwargs: object) -> Record:
     cfg = RunConfig(model=f"{family}{args.depth}", model_kwargs={"width": args.width, **kwargs},
                     resolution=args.resolution, batch_size=args.batch_size, seed=args.seed, mode="train",
                     label=label)
-    rec = record_model(cfg)
+    rec = record_run(cfg)
     last = rec.rows[-1]
     print(f"{label:<32} final avg var {last['avg_var']:10.4g}, avg sq mean {last['avg_sq_mean']:10.4g}")
     return rec
@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     bn_relu = _record(args, "bn_relu_resnet", f"BN-ReLU-Conv ResNet-{d}")
     relu_bn = _record(args, "relu_bn_resnet", f"ReLU-BN-Conv ResNet-{d}")
-    fig1 = render.plot([bn_relu, relu_bn], title=f"Figure 1: ResNetV2-{d} at initialisation ({size})")
+    fig1 = render.draw([bn_relu, relu_bn], title=f"Figure 1: ResNetV2-{d} at initialisation ({size})")
     figure1 = out / "figure1.png"
     render.save_figure(fig1, str(figure1))
 
     nf_ws = _record(args, "nf_resnet", f"NF-ResNet-{d} (Scaled WS)", ws=True)
     nf_plain = _record(args, "nf_resnet", f"NF-ResNet-{d} (no Scaled WS)", ws=False)
-    fig2 = render.plot([nf_ws, nf_plain, bn_relu],
+    fig2 = render.draw([nf_ws, nf_plain, bn_relu],
                        title=f"Figure 2: NF-ResNet-{d} with and without Scaled WS, alpha 0.2 ({size})")
     figure2 = out / "figure2.png"
     render.save_figure(fig2, str(figure2))

@@ -1,36 +1,79 @@
 """spp: Signal Propagation Plots for PyTorch (Brock, De, Smith 2021).
 
-``import spp`` is light: torch, pandas and matplotlib load only when a function that needs them is used.
-Submodules load on first attribute access (``spp.hooks``, ``spp.render``, ...), ``spp.load_record`` with
-``spp.io``.
+    import spp
+    rec = spp.record(model, torch.randn(8, 3, 224, 224))   # the SPP statistics of every residual block
+    rec.to_frame()                                          # a DataFrame, one row per tap point
+    spp.plot(rec, references="auto")                       # three panels beside the reference ResNets
+    spp.check(rec)                                          # verdicts in words
+
+``import spp`` is light: torch, pandas and matplotlib load only when a function that needs them is first used.
+Submodules are imported as usual (``import spp.hooks``); this namespace holds the public API only.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from spp.errors import SppError
-from spp.record import Record
+# public name -> (module, attribute), imported on first use
+_API: dict[str, tuple[str, str]] = {
+    "record": ("spp.hooks", "record"),
+    "SignalRecorder": ("spp.hooks", "SignalRecorder"),
+    "find_taps": ("spp.discovery", "find_taps"),
+    "Rule": ("spp.discovery", "Rule"),
+    "DEFAULT_RULES": ("spp.discovery", "DEFAULT_RULES"),
+    "Tap": ("spp.taps", "Tap"),
+    "Site": ("spp.taps", "Site"),
+    "Record": ("spp.records", "Record"),
+    "load_record": ("spp.files", "load_record"),
+    "save_record": ("spp.files", "save_record"),
+    "plot": ("spp.plotting", "plot"),
+    "compare": ("spp.comparison", "compare_records"),
+    "SppError": ("spp.errors", "SppError"),
+}
 
-_SUBMODULES = ("commands", "compare", "discovery", "hooks", "inputs", "io", "loading", "models", "moments",
-               "outputs", "record", "references", "render", "run", "taps")  # for dir(); any submodule loads
-_LAZY = {"load_record": "spp.io"}
+__all__ = [
+    "DEFAULT_RULES",
+    "Record",
+    "Rule",
+    "SignalRecorder",
+    "Site",
+    "SppError",
+    "Tap",
+    "__version__",
+    "compare",
+    "find_taps",
+    "load_record",
+    "plot",
+    "record",
+    "save_record",
+]
 
-__all__ = ["Record", "SppError", "__version__", "load_record"]
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from spp.comparison import compare_records as compare
+    from spp.discovery import DEFAULT_RULES, Rule, find_taps
+    from spp.errors import SppError
+    from spp.files import load_record, save_record
+    from spp.hooks import SignalRecorder, record
+    from spp.plotting import plot
+    from spp.records import Record
+    from spp.taps import Site, Tap
 
 
 def __getattr__(name: str) -> Any:
-    """Import a submodule or a lazy function on first use, so ``import spp`` costs nothing heavy."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if not name.startswith("_") and importlib.util.find_spec(f"spp.{name}") is not None:
-        return importlib.import_module(f"spp.{name}")
+    """Load a public name on first use, so ``import spp`` costs nothing heavy."""
+    if name in _API:
+        module, attribute = _API[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'spp' has no attribute {name!r}")
 
 
+assert set(__all__) == {"__version__", *_API}
+
+
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+    return sorted(__all__)

@@ -6,7 +6,7 @@ spp version, a fingerprint of spp's own source files, torch's version, and for f
 modification times) so a cached curve is only ever reused for the same computation; plotting one model beside
 three 600-layer references then costs about one model's forward.
 
-Entries are JSON record files (``spp.io``: floats bit-exact, never unpickled) under
+Entries are JSON record files (``spp.files``: floats bit-exact, never unpickled) under
 ``platformdirs.user_cache_dir("spp")/records``, or ``$SPP_CACHE_DIR/records``. An entry that cannot be read, or
 whose stored key differs, is ignored and rewritten. Writes are atomic; a cache that cannot be written is skipped
 with a warning, never an error. ``--no-cache`` (``use_cache=False``) neither reads nor writes.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spp.errors import SppError
-from spp.record import Record
+from spp.records import Record
 
 ENV = "SPP_CACHE_DIR"
 KEY_VERSION = 1
@@ -105,7 +105,7 @@ def entry_path(cfg, key: str) -> Path:
 
 def load(cfg, key: str) -> Record | None:
     """The cached Record of ``cfg`` if there is a sound one; None otherwise (missing, damaged, another key)."""
-    from spp.io import load_record
+    from spp.files import load_record
 
     path = entry_path(cfg, key)
     if not path.is_file():
@@ -121,7 +121,7 @@ def load(cfg, key: str) -> Record | None:
 
 def store(cfg, key: str, rec: Record) -> Path | None:
     """Write ``rec`` as the entry of ``cfg``; on any failure warn once and go on (the cache is an optimisation)."""
-    from spp.io import save_record
+    from spp.files import save_record
 
     path = entry_path(cfg, key)
     stored = Record(rows=rec.rows, stage_ends=rec.stage_ends, settings={**rec.settings, "cache_key": key},
@@ -152,18 +152,17 @@ def cached_record(cfg, compute: Callable[[], Record], *, use_cache: bool = True)
     """``compute()``'s Record for ``cfg``, read from the cache when an entry for exactly this run exists.
 
     Under torchrun, rank 0 alone reads and writes the cache and tells the others whether to record: every rank
-    records (its shard) or none does, and every rank gets the same Record.
+    records (its shard) or none does, and every rank gets the same Record. The caller starts the process group
+    first (``spp.run.record_cached``): a cache lookup never does.
     """
     from spp import distributed
 
     key = run_key(cfg) if use_cache else None
     if key is None:
         return compute()
-    if distributed.env_context().active:
-        from spp.run import resolve_device
-
-        distributed.init_from_env(resolve_device(cfg.device))  # the hit-or-miss broadcast needs the group
     ctx = distributed.current()
+    if distributed.env_context().active and not ctx.active:
+        raise RuntimeError("cached_record under torchrun needs the process group started first")
     hit = load(cfg, key) if ctx.is_main else None
     hit = distributed.broadcast_object(hit)
     if hit is not None:

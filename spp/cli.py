@@ -8,7 +8,6 @@ records, so ``plot``, ``record``, ``compare`` and ``blocks`` accept the same fla
 import contextlib
 import functools
 import inspect
-import sys
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
@@ -110,7 +109,7 @@ def _shared(*templates: Callable):
                 cfg = _config(kwargs.get("model", ""), options)
                 return fn(cfg=cfg, **kwargs)
 
-        command.__signature__ = inspect.Signature([*own, *extra])
+        command.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
         return command
 
@@ -196,12 +195,12 @@ def _print_summary(rec, title: str | None = None) -> None:
     out_console.print(table)
 
 
-def _finish(warnings: list[str], errors: list[str]) -> None:
-    """Warnings are printed; errors (NaN/Inf in the activations) end the command with exit code 3 after the files
+def _finish(notes: list[str], nonfinite: list[str]) -> None:
+    """Notes are printed as warnings; NaN/Inf in the activations end the command with exit code 3 after the files
     are written, so scripts notice without losing the table that shows where it happened."""
-    _warn(warnings)
-    if errors:
-        _fail(_escape("; ".join(errors)), 3)
+    _warn(notes)
+    if nonfinite:
+        _fail(_escape("; ".join(nonfinite)), 3)
 
 
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Record built-in models (the references) again instead "
@@ -226,13 +225,13 @@ def plot(
     from spp import commands
 
     with _progress() as progress:
-        result = commands.plot(cfg, out=out, table=table, reference=reference, progress=progress,
+        result = commands.plot_model(cfg, out=out, table=table, reference=reference, progress=progress,
                                use_cache=not no_cache)
     _print_summary(result.record)
     for ref in result.references:
         _print_summary(ref, title=f"reference {ref.label}")
     console.print(f"wrote {result.figure} and {result.table}", highlight=False)
-    _finish(result.notes, result.warnings)
+    _finish(result.notes, result.nonfinite)
 
 
 @app.command()
@@ -247,10 +246,10 @@ def record(
     from spp import commands
 
     with _progress() as progress:
-        result = commands.record(cfg, out=out, progress=progress)
+        result = commands.record_to_file(cfg, out=out, progress=progress)
     _print_summary(result.record)
     console.print(f"wrote {result.path} ({result.record.num_blocks} blocks)", highlight=False)
-    _finish(result.notes, result.warnings)
+    _finish(result.notes, result.nonfinite)
 
 
 @app.command()
@@ -278,7 +277,7 @@ def compare(
     from spp import commands
 
     with _progress() as progress:
-        result = commands.compare(sources, cfg, labels=label, out=out, table=table, x=x, align=align,
+        result = commands.compare_sources(sources, cfg, labels=label, out=out, table=table, x=x, align=align,
                                   progress=progress, use_cache=not no_cache)
     _warn(result.warnings)
     _print_comparison(result)
@@ -296,7 +295,7 @@ def blocks(cfg, model: ModelOpt) -> None:
 
     from spp import commands
 
-    taps = commands.blocks(cfg)
+    taps = commands.list_blocks(cfg)
     table = Table(title=f"{model}: {len(taps) - 1} tap points after the stem", title_justify="left")
     for col in ("#", "stage", "name", "output", "residual branch", "rule"):
         table.add_column(col, overflow="fold")
@@ -313,7 +312,7 @@ def models(pattern: Annotated[str | None, typer.Argument(help="fnmatch filter, e
     with _user_errors():
         from spp import commands
 
-        for name, description in commands.models(pattern):
+        for name, description in commands.list_models(pattern):
             out_console.print(f"{name:<20} {description}", highlight=False, soft_wrap=True)
 
 
@@ -381,4 +380,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,8 @@
-"""The library behind each CLI command, one function per command and of the same name.
+"""The library behind each CLI command: the CLI parses and prints, these do the work and return data, so a notebook
+gets exactly what the CLI draws.
 
-The CLI parses and prints; these do the work and return data, so a notebook gets exactly what the CLI draws.
+``plot_model`` (``spp plot``), ``record_to_file`` (``spp record``), ``compare_sources`` (``spp compare``),
+``list_blocks`` (``spp blocks``), ``list_models`` (``spp models``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from spp.outputs import TABLE_SUFFIXES, check_output, write_table
-from spp.record import Record
-from spp.run import Progress, RunConfig, record_model
+from spp.files import FIGURE_SUFFIXES, TABLE_SUFFIXES, check_output, write_table
+from spp.records import Record
+from spp.run import Progress, RunConfig, record_cached, record_run
+from spp.taps import Tap
 
 
 @dataclass
@@ -22,7 +25,7 @@ class PlotResult:
     references: list[Record]
     figure: Path
     table: Path
-    warnings: list[str] = field(default_factory=list)  # NaN/Inf in the activations: the CLI exits non-zero
+    nonfinite: list[str] = field(default_factory=list)  # NaN/Inf in the activations: the CLI exits with code 3
     notes: list[str] = field(default_factory=list)  # worth knowing (skipped images, zero branches)
 
 
@@ -30,7 +33,7 @@ def default_table_path(out: str) -> str:
     return str(Path(out).with_suffix(".csv"))
 
 
-def plot(
+def plot_model(
     cfg: RunConfig,
     *,
     out: str = "spp.png",
@@ -44,19 +47,19 @@ def plot(
     from spp.references import is_same_run, record_reference, reference_config, reference_names
 
     table = table or default_table_path(out)
-    check_output(out, render.FIGURE_SUFFIXES, "--out")
+    check_output(out, FIGURE_SUFFIXES, "--out")
     check_output(table, TABLE_SUFFIXES, "--table")
-    rec = record_model(cfg, progress=progress)
+    rec = record_run(cfg, progress=progress)
     refs = []
     for name in reference_names(reference, rec.num_blocks):
         if is_same_run(cfg, reference_config(cfg, name)):
             continue  # the model is itself this reference: drawing it twice would hide nothing but cost a forward
         refs.append(record_reference(cfg, name, progress=progress, use_cache=use_cache))
     if _writes():  # under torchrun every rank records its shard; rank 0 alone writes
-        fig = render.plot(rec, references=refs, title=_title(rec))
+        fig = render.draw(rec, references=refs, title=_title(rec))
         render.save_figure(fig, out)
         write_table(rec.to_frame(), table)
-    return PlotResult(rec, refs, Path(out), Path(table), warnings=nonfinite_warnings(rec), notes=run_notes(rec))
+    return PlotResult(rec, refs, Path(out), Path(table), nonfinite=nonfinite_messages(rec), notes=run_notes(rec))
 
 
 def _writes() -> bool:
@@ -74,7 +77,8 @@ def _title(rec: Record) -> str:
             f"samples in micro-batches of {s.get('batch_size')}, {s.get('mode')} mode, seed {s.get('seed')}")
 
 
-def nonfinite_warnings(rec: Record, label: str | None = None) -> list[str]:
+def nonfinite_messages(rec: Record, label: str | None = None) -> list[str]:
+    """One message when some tap's statistics are NaN or infinite (the CLI then exits with code 3)."""
     bad = [r for r in rec.rows if r["nonfinite"]]
     if not bad:
         return []
@@ -89,13 +93,14 @@ def run_notes(rec: Record) -> list[str]:
     skipped = rec.settings.get("skipped_images")
     if skipped:
         notes.append(f"skipped {skipped} unreadable image(s)")
-    zero = [r for r in rec.rows if r["note"]]
-    if zero:
-        notes.append(f"{len(zero)} block(s) of {rec.label} carry a note, e.g. {zero[0]['name']}: {zero[0]['note']}")
+    noted = [r for r in rec.rows if r["note"]]
+    if noted:
+        notes.append(f"{len(noted)} block(s) of {rec.label} carry a note, e.g. {noted[0]['name']}: "
+                     f"{noted[0]['note']}")
     return notes
 
 
-def blocks(cfg: RunConfig):
+def list_blocks(cfg: RunConfig) -> list[Tap]:
     """The taps spp would record for ``cfg.model``: stage, name, output site, residual site, rule."""
     from spp.discovery import find_taps
     from spp.loading import load_model
@@ -106,7 +111,7 @@ def blocks(cfg: RunConfig):
                      channel_dim=cfg.channel_dim)
 
 
-def models(pattern: str | None = None) -> list[tuple[str, str]]:
+def list_models(pattern: str | None = None) -> list[tuple[str, str]]:
     """(name, description) of every built-in reference model."""
     from spp.models import get_entry, list_models
 
@@ -118,23 +123,23 @@ def models(pattern: str | None = None) -> list[tuple[str, str]]:
 class RecordResult:
     record: Record
     path: Path
-    warnings: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def record(cfg: RunConfig, *, out: str, progress: Progress | None = None) -> RecordResult:
+def record_to_file(cfg: RunConfig, *, out: str, progress: Progress | None = None) -> RecordResult:
     """Record ``cfg.model`` and save the Record to ``out`` (``.pt``, ``.json``, ``.parquet``, ``.csv``)."""
-    from spp.io import check_record_output, save_record
+    from spp.files import check_record_output, save_record
 
     check_record_output(out, "--out")
-    rec = record_model(cfg, progress=progress)
+    rec = record_run(cfg, progress=progress)
     path = save_record(rec, out, what="--out") if _writes() else Path(out)
-    return RecordResult(rec, path, nonfinite_warnings(rec), run_notes(rec))
+    return RecordResult(rec, path, nonfinite_messages(rec), run_notes(rec))
 
 
 @dataclass
 class CompareResult:
-    comparison: Any  # spp.compare.Comparison: .table, .divergence, .stages, .labels, .records
+    comparison: Any  # spp.comparison.Comparison: .table, .divergence, .stages, .labels, .records
     x: str
     x_note: str
     figure: Path | None = None
@@ -142,12 +147,12 @@ class CompareResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _source(source: str | Record, cfg: RunConfig | None, progress: Progress,
+def _source(source: str | Record, cfg: RunConfig | None, progress: Progress | None,
             use_cache: bool = True) -> tuple[Record, str]:
     """A record and its default label from a Record, a record file, or a model spec (recorded now, or read from
     the curve cache for a built-in model: ``spp.cache``)."""
     from spp.errors import SppError
-    from spp.io import RECORD_SUFFIXES, NotARecord, load_record
+    from spp.files import RECORD_SUFFIXES, NotARecord, load_record
 
     if isinstance(source, Record):
         return source, source.label
@@ -162,17 +167,15 @@ def _source(source: str | Record, cfg: RunConfig | None, progress: Progress,
             try:  # a model file, perhaps: whatever --model accepts is a model spec
                 with warnings.catch_warnings():  # torch's note on foreign pickles is noise next to our error
                     warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                    return record_model(model_cfg, progress=progress), path.stem
+                    return record_run(model_cfg, progress=progress), path.stem
             except SppError as exc:
                 raise SppError(f"{source} is not an spp record (it looks like {not_record.looks_like}) nor a "
                                f"model spp can load ({exc})") from None
-    from spp.cache import cached_record
-
-    rec = cached_record(model_cfg, lambda: record_model(model_cfg, progress=progress), use_cache=use_cache)
+    rec = record_cached(model_cfg, progress=progress, use_cache=use_cache)
     return rec, rec.label
 
 
-def compare(
+def compare_sources(
     sources: Sequence[str | Record],
     cfg: RunConfig | None = None,
     *,
@@ -187,10 +190,10 @@ def compare(
     """Compare record files, Records and model specs (recorded with ``cfg``'s model and input settings).
 
     Outputs are checked first, files loaded next, models recorded last, so a typo fails in a blink.
-    ``x=None``: block index when block counts are equal, relative depth otherwise. ``spp.compare`` explains
+    ``x=None``: block index when block counts are equal, relative depth otherwise. ``spp.comparison`` explains
     the alignment.
     """
-    from spp import compare as comparing
+    from spp import comparison as comparing
     from spp.errors import SppError
 
     sources = list(sources)
@@ -199,13 +202,9 @@ def compare(
     labels = list(labels or [])
     if len(labels) > len(sources):
         raise SppError(f"{len(labels)} --label values for {len(sources)} records or models")
-    if x not in (None, "block", "relative"):
-        raise SppError(f"--x must be block or relative, not {x!r}")
-    if align not in ("auto", "name", "relative"):
-        raise SppError(f"--align must be auto, name or relative, not {align!r}")
+    comparing.check_x(x)
+    comparing.check_align(align)
     if out is not None:
-        from spp.render import FIGURE_SUFFIXES
-
         check_output(out, FIGURE_SUFFIXES, "--out")
     if table is not None:
         check_output(table, TABLE_SUFFIXES, "--table")
@@ -226,19 +225,19 @@ def compare(
     if x is not None and x != auto_x:
         x_note = f"x axis: {'block index' if x == 'block' else 'relative depth'} (--x {x})"
     x = x or auto_x
-    warnings = list(comparison.warnings)
+    messages = list(comparison.warnings)
     for rec, lab in zip(records, comparison.labels, strict=True):
-        warnings += nonfinite_warnings(rec, lab)
+        messages += nonfinite_messages(rec, lab)
 
     figure = None
     if out is not None:
         from spp import render
 
-        fig = render.plot(records, x=x, labels=comparison.labels,  # type: ignore[arg-type]
+        fig = render.draw(records, x=x, labels=comparison.labels,  # type: ignore[arg-type]
                           title="SPP comparison: " + " vs ".join(comparison.labels))
         if _writes():
             render.save_figure(fig, out)
         figure = Path(out)
     if table is not None and _writes():
         write_table(comparison.table, table)
-    return CompareResult(comparison, x, x_note, figure, Path(table) if table else None, warnings)
+    return CompareResult(comparison, x, x_note, figure, Path(table) if table else None, messages)

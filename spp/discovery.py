@@ -1,127 +1,135 @@
 """Find a model's residual blocks and where to read each one's output and residual branch.
 
-Rules are tried on every module in ``named_modules`` order; the first rule that claims a module turns it into
-one or more taps and its children are not searched further. ``--blocks`` patterns replace the rules' choice of
-modules; ``--residual-tap`` replaces their choice of branch. Stage = the container holding the block.
-Third-party families and the traced fallback live in ``spp.families``, imported at the bottom of this module.
+``find_taps(model, rules=DEFAULT_RULES)`` tries the rules, in order, on every module in ``named_modules`` order;
+the first rule that claims a module turns it into one or more taps and its children are not searched further.
+Rules are plain data: a ``Rule`` is a name and a function ``(qualified_name, module) -> list[Tap] | None``, and
+``DEFAULT_RULES`` is an ordered tuple a user extends by passing their own list::
+
+    def my_block(name, module):
+        if isinstance(module, MyBlock):
+            return [Tap(name, name, -1, Site(name), Site(f"{name}.branch"), rule="my block")]
+        return None
+
+    taps = find_taps(model, rules=[Rule("my block", my_block), *DEFAULT_RULES])
+
+``--blocks`` patterns replace the rules' choice of modules; ``--residual-tap`` replaces their choice of branch.
+Stage = the container holding the block; layer = the block's number (a block's taps share it).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from spp.errors import SppError
+from spp.rules.native import NATIVE_RULES
+from spp.rules.traced import traced_residual
+from spp.rules.vision import VISION_RULES
 from spp.taps import Difference, Site, Tap
 
-Rule = Callable[[str, nn.Module], "Sequence[Tap] | None"]
+RuleFunction = Callable[[str, nn.Module], "Sequence[Tap] | None"]
 
 
-def spp_native(name: str, module: nn.Module) -> list[Tap] | None:
-    """spp's own reference blocks name their branch in ``spp_residual``."""
-    rel = getattr(type(module), "spp_residual", None)
-    if rel is None:
-        return None
-    return [
-        Tap(
-            name=name,
-            module=name,
-            stage=-1,
-            output=Site(name),
-            residual=Site(f"{name}.{rel}"),
-            rule="spp",
-            expected_var=getattr(module, "spp_expected_var", None),
-        )
-    ]
+@dataclass(frozen=True)
+class Rule:
+    """A discovery rule: ``match(qualified_name, module)`` returns the module's taps, or None when it does not apply.
+
+    A rule that recognises a block it cannot measure correctly raises ``SppError`` saying so: a refusal, never a
+    wrong tap.
+    """
+
+    name: str
+    match: RuleFunction
+
+    def __call__(self, name: str, module: nn.Module) -> Sequence[Tap] | None:
+        return self.match(name, module)
 
 
-RULES: list[tuple[str, Rule]] = [("spp", spp_native)]
-# Tried after every rule in RULES, so a rule registered later still wins over the generic guesses.
-FALLBACK_RULES: list[tuple[str, Rule]] = []
-
-
-def register_rule(label: str, rule: Rule, *, first: bool = False, fallback: bool = False) -> None:
-    """Add a discovery rule: ``first=True`` tries it before the built-in ones, ``fallback=True`` after all."""
-    if fallback:
-        FALLBACK_RULES.append((label, rule))
-    elif first:
-        RULES.insert(0, (label, rule))
-    else:
-        RULES.append((label, rule))
+# Known families first, the traced fallback last: a family rule knows where a block's branch is read before its
+# scale; the fallback proves an addition in the graph for anything else.
+DEFAULT_RULES: tuple[Rule, ...] = (
+    *(Rule(label, fn) for label, fn in NATIVE_RULES),
+    *(Rule(label, fn) for label, fn in VISION_RULES),
+    Rule("fallback (traced add)", traced_residual),
+)
 
 
 def _parent(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def _by_patterns(model: nn.Module, patterns: Sequence[str]) -> list[Tap]:
-    """Blocks chosen by fnmatch patterns on qualified names; the outermost match wins over its children."""
-    chosen: list[str] = []
-    for name, _ in model.named_modules():
-        matched = name and any(fnmatch.fnmatchcase(name, p) for p in patterns)
-        if matched and not any(name.startswith(c + ".") for c in chosen):
-            chosen.append(name)
-    if not chosen:
-        raise SppError(f"--blocks {' '.join(patterns)} matched no module; see the names with `spp blocks`")
-    modules = dict(model.named_modules())
-    taps = []
-    for name in chosen:
-        auto = _apply_rules(name, modules[name])
-        if auto and len(auto) == 1:
-            taps.append(replace(auto[0], rule=f"--blocks + {auto[0].rule}"))
-        elif auto:
-            taps.extend(replace(t, rule=f"--blocks + {t.rule}") for t in auto)
-        else:
-            taps.append(Tap(name=name, module=name, stage=-1, output=Site(name),
-                            residual=Difference(Site(name), Site(name, "input")),
-                            rule="--blocks (output - input)"))
-    return taps
-
-
-def _apply_rules(name: str, module: nn.Module) -> list[Tap] | None:
-    for _label, rule in (*RULES, *FALLBACK_RULES):
+def _apply(rules: Sequence[Rule], name: str, module: nn.Module) -> list[Tap] | None:
+    for rule in rules:
         found = rule(name, module)
         if found:
             return list(found)
     return None
 
 
-def _by_rules(model: nn.Module) -> list[Tap]:
+def _by_patterns(model: nn.Module, patterns: Sequence[str], rules: Sequence[Rule]) -> list[Tap]:
+    """Blocks chosen by fnmatch patterns on qualified names; the outermost match wins over its children."""
+    chosen: list[str] = []
+    modules = dict(model.named_modules())
+    for name in modules:
+        matched = name and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        if matched and not any(name.startswith(c + ".") for c in chosen):
+            chosen.append(name)
+    if not chosen:
+        raise SppError(f"--blocks {' '.join(patterns)} matched no module; see the names with `spp blocks`")
+    taps: list[Tap] = []
+    for name in chosen:
+        auto = _apply(rules, name, modules[name])
+        if auto:
+            taps.extend(replace(t, rule=f"--blocks + {t.rule}") for t in auto)
+        else:
+            taps.append(Tap(name=name, module=name, stage=-1, output=Site(name),
+                            residual=Difference(Site(name), Site(name, "input")), shortcut=Site(name, "input"),
+                            rule="--blocks (output - input)"))
+    return taps
+
+
+def _by_rules(model: nn.Module, rules: Sequence[Rule]) -> list[Tap]:
     taps: list[Tap] = []
     claimed: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in claimed):
             continue
-        found = _apply_rules(name, module)
+        found = _apply(rules, name, module)
         if found:
             taps.extend(found)
             claimed.append(name)
     return taps
 
 
-def _with_residual_tap(model: nn.Module, taps: list[Tap], rel: str) -> list[Tap]:
+def _with_residual_tap(model: nn.Module, taps: list[Tap], child: str) -> list[Tap]:
     modules = dict(model.named_modules())
     out = []
     for t in taps:
-        target = f"{t.module}.{rel}" if t.module else rel
+        target = f"{t.module}.{child}" if t.module else child
         if target not in modules:
-            raise SppError(f"--residual-tap {rel!r}: block {t.module!r} has no child {rel!r}")
-        out.append(replace(t, residual=Site(target), rule=f"{t.rule}, --residual-tap {rel}"))
+            raise SppError(f"--residual-tap {child!r}: block {t.module!r} has no child {child!r}")
+        out.append(replace(t, residual=Site(target), rule=f"{t.rule}, --residual-tap {child}"))
     return out
 
 
 def find_taps(
     model: nn.Module,
     *,
+    rules: Sequence[Rule] = DEFAULT_RULES,
     blocks: Sequence[str] | None = None,
     residual_tap: str | None = None,
     channel_dim: int | None = None,
 ) -> list[Tap]:
-    """The SPP's points: the stem (the first block's input), then every residual block in forward order."""
+    """The SPP's points: the stem (the first block's input), then every residual block in forward order.
+
+    ``rules``: the discovery rules to try, in order (default ``DEFAULT_RULES``). ``blocks``: fnmatch patterns
+    naming the block modules instead; ``residual_tap``: the child of each block whose output is the branch;
+    ``channel_dim``: the channel axis of every tap.
+    """
     if isinstance(blocks, str):
         blocks = [blocks]
     if isinstance(model, torch.jit.ScriptModule):
@@ -129,7 +137,7 @@ def find_taps(
             "TorchScript models run their forward in C++, where forward hooks never fire; "
             "save the model with torch.export (a .pt2 file) or pass its Python code as FILE.py:FACTORY"
         )
-    taps = _by_patterns(model, blocks) if blocks else _by_rules(model)
+    taps = _by_patterns(model, blocks, rules) if blocks else _by_rules(model, rules)
     if not taps:
         raise SppError(
             f"no residual blocks found in {type(model).__name__}; name them with --blocks PATTERN "
@@ -138,12 +146,13 @@ def find_taps(
     if residual_tap:
         taps = _with_residual_tap(model, taps, residual_tap)
     stage_of: dict[str, int] = {}
+    layer_of: dict[str, int] = {}
     staged = []
     for t in taps:
-        container = _parent(t.module)
-        stage = stage_of.setdefault(container, len(stage_of) + 1)
+        stage = stage_of.setdefault(_parent(t.module), len(stage_of) + 1)
+        layer = layer_of.setdefault(t.module, len(layer_of) + 1)
         dim = channel_dim if channel_dim is not None else t.channel_dim
-        staged.append(replace(t, stage=stage, channel_dim=dim))
+        staged.append(replace(t, stage=stage, layer=layer, channel_dim=dim))
     first = staged[0]
     stem = Tap(
         name="stem",
@@ -152,8 +161,9 @@ def find_taps(
         output=Site(first.module, "input"),
         residual=None,
         rule="input of the first block",
-        channel_dim=staged[0].channel_dim,
+        channel_dim=first.channel_dim,
         expected_var=getattr(model, "spp_stem_expected_var", None),
+        layer=0,
     )
     return [stem, *staged]
 
@@ -165,7 +175,3 @@ def stage_ends(taps: Sequence[Tap]) -> list[int]:
         if i > 0 and (i + 1 == len(taps) or taps[i + 1].stage != t.stage):
             ends.append(i)
     return ends
-
-
-# Third-party families (timm, torchvision) and the traced fallback register themselves on import.
-from spp import families  # noqa: E402, F401

@@ -28,12 +28,12 @@ import atexit
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from spp.errors import SppError
-from spp.moments import ChannelMoments, merge_many
+from spp.moments import ChannelMoments, MergeItem, accumulation_dtype, merge_many
 
 ENV_VARS = ("WORLD_SIZE", "RANK")
 
@@ -127,18 +127,27 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+class MomentSource(Protocol):
+    """What ``merge_moments`` merges: a recorder's per-tap (output, residual) moments and its sample counts."""
+
+    samples: int
+    batches: int
+
+    def moments(self) -> list[tuple[ChannelMoments, ChannelMoments]]: ...
+
+
 def _collective_device(moments: Iterable[ChannelMoments]) -> torch.device:
     import torch.distributed as dist
 
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     for m in moments:
-        if m.count and m.mean.device.type == "cpu":
+        if m.mean is not None and m.mean.device.type == "cpu":
             return m.mean.device
     return torch.device("cpu")
 
 
-def merge_moments(recorder, group=None) -> None:
+def merge_moments(recorder: MomentSource, group: Any = None) -> None:
     """All-gather every tap's (count, mean, M2) and merge them in rank order into ``recorder`` on every rank.
 
     A collective: every rank of ``group`` (default: the whole world) must call it, with a recorder over the same
@@ -151,12 +160,14 @@ def merge_moments(recorder, group=None) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     world = dist.get_world_size(group)
-    moments = [*recorder.outputs, *recorder.residuals]
+    pairs = recorder.moments()
+    moments = [*(o for o, _ in pairs), *(r for _, r in pairs)]
     device = _collective_device(moments)
     # 1. counts and channel counts (a rank that saw nothing does not know the shapes), samples, batches
     meta = torch.tensor([len(moments), recorder.samples, recorder.batches,
                          *(m.count for m in moments),
-                         *((m.mean.numel() if m.count else 0) for m in moments)], dtype=torch.int64, device=device)
+                         *((m.mean.numel() if m.mean is not None else 0) for m in moments)], dtype=torch.int64,
+                        device=device)
     metas = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas_host = [t.cpu().tolist() for t in metas]
@@ -164,40 +175,37 @@ def merge_moments(recorder, group=None) -> None:
         raise SppError(f"ranks recorded different models: tap counts {[m[0] for m in metas_host]}")
     k = len(moments)
     channels = [max(m[3 + k + i] for m in metas_host) for i in range(k)]
-    for m in metas_host:
+    for row in metas_host:
         for i in range(k):
-            if m[3 + k + i] not in (0, channels[i]):
+            if row[3 + k + i] not in (0, channels[i]):
                 raise SppError(f"ranks disagree on the channels of tap {i % (k // 2 or 1)}: "
                                f"{[x[3 + k + i] for x in metas_host]}")
     # 2. the moments, flat, in float64: means then M2s of every tap (zeros where a rank has none)
-    acc = torch.float32 if device.type == "mps" else torch.float64
+    acc = accumulation_dtype(device)
     parts = []
-    for m, c in zip(moments, channels, strict=True):
-        if m.count:
-            parts += [m.mean.detach().to(device).to(acc).reshape(-1), m.m2.detach().to(device).to(acc).reshape(-1)]
+    for mom, c in zip(moments, channels, strict=True):
+        if mom.count and mom.mean is not None and mom.m2 is not None:
+            parts += [mom.mean.detach().to(device, acc).reshape(-1), mom.m2.detach().to(device, acc).reshape(-1)]
         else:
             parts += [torch.zeros(c, dtype=acc, device=device), torch.zeros(c, dtype=acc, device=device)]
     flat = torch.cat(parts) if parts else torch.zeros(0, dtype=acc, device=device)
     flats = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(flats, flat, group=group)
     # 3. merge in rank order, exactly as one stream: rank 0's moments, then rank 1's, ...
-    home = [m.mean.device if m.count else None for m in moments]
+    home = [m.mean.device if m.mean is not None else None for m in moments]
     merged = [ChannelMoments() for _ in moments]
     for r in range(world):
         pieces = flats[r].split([c for c in channels for _ in (0, 1)])
-        items = []
+        items: list[MergeItem] = []
         for i in range(k):
             n = metas_host[r][3 + i]
             if n:
                 items.append((merged[i], n, pieces[2 * i], pieces[2 * i + 1]))
         merge_many(items)
-    for i, (m, target) in enumerate(zip(moments, merged, strict=True)):
-        dev = home[i] if home[i] is not None else device
-        m.count = target.count
-        m.mean = None if target.mean is None else target.mean.to(dev)
-        m.m2 = None if target.m2 is None else target.m2.to(dev)
-    recorder.samples = sum(m[1] for m in metas_host)
-    recorder.batches = sum(m[2] for m in metas_host)
+    for mom, target, dev in zip(moments, merged, home, strict=True):
+        mom.assign(target, dev if dev is not None else device)
+    recorder.samples = sum(row[1] for row in metas_host)
+    recorder.batches = sum(row[2] for row in metas_host)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

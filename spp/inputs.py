@@ -20,11 +20,14 @@ from typing import Any
 import torch
 
 from spp.errors import SppError
+from spp.loading import IMAGENET_CONFIG
+from spp.validate import check_batching
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_EXTENSIONS = (".pt", ".pth", ".npy")
 MAX_DEFAULT_IMAGES = 256  # without --num-samples, a folder contributes at most this many images
 GAUSSIAN_NAMES = ("gaussian", "gauss", "normal", "randn", "noise")
+DEFAULT_RESOLUTION = 128  # height and width of inputs for models that do not say their own
 
 
 class InputSource(ABC):
@@ -61,10 +64,6 @@ class InputSource(ABC):
             if x.shape[0]:
                 yield x
 
-    def shard(self, rank: int, world_size: int) -> list[int]:
-        """The micro-batch indices process ``rank`` of ``world_size`` takes: rank, rank + world_size, ..."""
-        return list(range(rank, self.num_batches, world_size))
-
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Plain settings for the Record (what the input was)."""
@@ -94,8 +93,7 @@ class GaussianInput(InputSource):
     std: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_samples < 1:
-            raise SppError("--batch-size and --num-samples must be at least 1")
+        check_batching(self.batch_size, self.num_samples)
         if not self.shape or any(int(d) < 1 for d in self.shape):
             raise SppError(f"input shape must be positive, not {tuple(self.shape)}")
 
@@ -166,10 +164,7 @@ class ImageInput(InputSource):
     ) -> None:
         if not files:
             raise SppError(f"--input {where}: no images")
-        if batch_size < 1:
-            raise SppError("--batch-size must be at least 1")
-        if num_samples is not None and num_samples < 1:
-            raise SppError("--num-samples must be at least 1")
+        check_batching(batch_size, num_samples)
         chans = int(input_size[0])
         if chans not in (1, 3):
             raise SppError(f"--input {where}: images have 1 or 3 channels, the model expects {chans}")
@@ -186,7 +181,7 @@ class ImageInput(InputSource):
         self.num_samples = min(num_samples or cap, self.available)
         self.batch_size = batch_size
         self.input_size = (chans, int(input_size[1]), int(input_size[2]))
-        config = {**_IMAGENET, **(data_config or {})}
+        config = {**IMAGENET_CONFIG, **(data_config or {})}
         mean, std = tuple(config["mean"]), tuple(config["std"])
         if chans == 1:  # one grey channel: one mean/std
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
@@ -216,9 +211,9 @@ class ImageInput(InputSource):
     def load(self, path: str) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(path) as im:
-            im = im.convert("L" if self.input_size[0] == 1 else "RGB")
-        return self.transform()(im)
+        with Image.open(path) as opened:
+            image = opened.convert("L" if self.input_size[0] == 1 else "RGB")
+        return self.transform()(image)
 
     def batch(
         self, j: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -274,15 +269,6 @@ class ImageInput(InputSource):
             "crop_pct": self.crop_pct,
             "skipped_images": len(self.skipped),
         }
-
-
-_IMAGENET = {
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "interpolation": "bilinear",
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-}
 
 
 # ---- tensor files ------------------------------------------------------------------------------------------
@@ -348,10 +334,7 @@ class TensorInput(InputSource):
             raise SppError(
                 f"--input {where}: shape {shape} has {shape[1]} channels, the model expects {in_chans}"
             )
-        if batch_size < 1:
-            raise SppError("--batch-size must be at least 1")
-        if num_samples is not None and num_samples < 1:
-            raise SppError("--num-samples must be at least 1")
+        check_batching(batch_size, num_samples)
         if num_samples is not None and num_samples > shape[0]:
             warnings.warn(
                 f"--input {where}: {num_samples} samples asked for, {shape[0]} present; using {shape[0]}",
@@ -404,9 +387,9 @@ def make_input(
     TensorInput; a folder, glob or image file -> ImageInput.
 
     ``shape`` (C, H, W) is the Gaussian sample shape; without it (and for images) the size comes from
-    ``resolution``, else the model's ``data_config["input_size"]``, else 224. ``in_chans`` (else the data
-    config's) is checked against 4-D tensor files. ``num_samples`` None: one micro-batch of noise, every
-    sample of a tensor file, every image up to MAX_DEFAULT_IMAGES.
+    ``resolution``, else the model's ``data_config["input_size"]``, else ``DEFAULT_RESOLUTION``. ``in_chans``
+    (else the data config's) is checked against 4-D tensor files. ``num_samples`` None: one micro-batch of
+    noise, every sample of a tensor file, every image up to MAX_DEFAULT_IMAGES.
     """
     config = dict(data_config or {})
     known = tuple(config.get("input_size") or ())
@@ -416,7 +399,7 @@ def make_input(
     elif known:
         size = (int(known[1]), int(known[2]))
     else:
-        size = (224, 224)
+        size = (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)
     if kind_or_path is None or kind_or_path.strip().lower() in GAUSSIAN_NAMES:
         sample = tuple(int(d) for d in shape) if shape else (chans or 3, *size)
         return GaussianInput(

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from spp.errors import SppError, close_matches
+from spp.errors import SppError, close_matches, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,10 +59,6 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- libraries ---------------------------------------------------------------------------------------------
@@ -103,7 +99,7 @@ def _call(label: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except TypeError as exc:
-        raise SppError(f"bad option for {label}: {_one_line(exc)}") from None
+        raise SppError(f"bad option for {label}: {one_line(exc)}") from None
 
 
 def _load_timm(name: str, spec: str, kwargs: dict[str, Any], pretrained: bool) -> LoadedModel:
@@ -115,10 +111,10 @@ def _load_timm(name: str, spec: str, kwargs: dict[str, Any], pretrained: bool) -
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except TypeError as exc:
-            raise SppError(f"bad option for {name}: {_one_line(exc)}") from None
+            raise SppError(f"bad option for {name}: {one_line(exc)}") from None
         except Exception as exc:  # network, hub, missing file: all say the same to the user
             raise SppError(
-                f"could not fetch pretrained weights for {name}: {_one_line(exc)}; "
+                f"could not fetch pretrained weights for {name}: {one_line(exc)}; "
                 "run without --pretrained or pass --checkpoint"
             ) from None
     else:
@@ -136,10 +132,10 @@ def _load_torchvision(name: str, spec: str, kwargs: dict[str, Any], pretrained: 
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
         except TypeError as exc:
-            raise SppError(f"bad option for {name}: {_one_line(exc)}") from None
+            raise SppError(f"bad option for {name}: {one_line(exc)}") from None
         except Exception as exc:
             raise SppError(
-                f"could not fetch pretrained weights for {name}: {_one_line(exc)}; "
+                f"could not fetch pretrained weights for {name}: {one_line(exc)}; "
                 "run without --pretrained or pass --checkpoint"
             ) from None
     else:
@@ -188,7 +184,7 @@ def _load_factory(path: str, factory: str, spec: str, kwargs: dict[str, Any]) ->
         raise
     except Exception as exc:
         sys.modules.pop(mod_name, None)
-        raise SppError(f"importing {path} failed: {_one_line(exc)}") from None
+        raise SppError(f"importing {path} failed: {one_line(exc)}") from None
     fn = getattr(module, factory, None)
     if not callable(fn):
         own = sorted(
@@ -205,7 +201,7 @@ def _load_factory(path: str, factory: str, spec: str, kwargs: dict[str, Any]) ->
     try:
         model = fn(**kwargs)
     except TypeError as exc:
-        raise SppError(f"bad option for {path}:{factory}: {_one_line(exc)}") from None
+        raise SppError(f"bad option for {path}:{factory}: {one_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise SppError(f"{path}:{factory} returned {type(model).__name__}, not a torch.nn.Module")
     return LoadedModel(model, factory, "file", spec, dict(IMAGENET_CONFIG))
@@ -236,7 +232,8 @@ def _load_file(path: str, spec: str, trust_pickle: bool) -> LoadedModel:
         try:
             program = torch.export.load(path)
         except Exception as exc:
-            raise SppError(f"cannot load {path} as a torch.export program: {_one_line(exc)}") from None
+            raise SppError(f"cannot load {path} as a torch.export program: {one_line(exc)}") from None
+        model: nn.Module
         try:  # unflatten keeps the module hierarchy, so blocks can be hooked; .module() is one flat graph
             model = torch.export.unflatten(program)
         except Exception:
@@ -248,13 +245,13 @@ def _load_file(path: str, spec: str, trust_pickle: bool) -> LoadedModel:
                 warnings.simplefilter("ignore", FutureWarning)
                 model = torch.jit.load(path, map_location="cpu")
         except Exception as exc:
-            raise SppError(f"cannot load {path} as TorchScript: {_one_line(exc)}") from None
+            raise SppError(f"cannot load {path} as TorchScript: {one_line(exc)}") from None
         return LoadedModel(model, stem, "torchscript", spec, dict(IMAGENET_CONFIG))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not _refused_by_weights_only(exc):
-            raise SppError(f"cannot read {path}: {_one_line(exc)}") from None
+            raise SppError(f"cannot read {path}: {one_line(exc)}") from None
         obj = None  # a pickled object: only unpickled below, with the user's say-so
     if obj is not None:
         if isinstance(obj, dict):
@@ -271,7 +268,7 @@ def _load_file(path: str, spec: str, trust_pickle: bool) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise SppError(f"cannot unpickle {path}: {_one_line(exc)}") from None
+        raise SppError(f"cannot unpickle {path}: {one_line(exc)}") from None
     if not isinstance(obj, nn.Module):
         raise SppError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
     return LoadedModel(obj, stem, "pickle", spec, dict(IMAGENET_CONFIG))
@@ -328,7 +325,7 @@ def load_checkpoint(model: Any, path: str, *, trust_pickle: bool = False) -> Non
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if not _refused_by_weights_only(exc):
-            raise SppError(f"cannot read checkpoint {path}: {_one_line(exc)}") from None
+            raise SppError(f"cannot read checkpoint {path}: {one_line(exc)}") from None
         if not trust_pickle:
             raise SppError(
                 f"checkpoint {path} holds pickled Python objects besides tensors; spp reads checkpoints with "
@@ -359,7 +356,7 @@ def load_checkpoint(model: Any, path: str, *, trust_pickle: bool = False) -> Non
     try:
         model.load_state_dict(state, strict=False)  # keys checked above; old BN lacks num_batches_tracked
     except RuntimeError as exc:
-        raise SppError(f"checkpoint {path} does not load: {_one_line(exc)}") from None
+        raise SppError(f"checkpoint {path} does not load: {one_line(exc)}") from None
 
 
 # ---- the resolver ------------------------------------------------------------------------------------------

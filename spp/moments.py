@@ -3,9 +3,9 @@
 A forward hook hands an activation to ``batch_moments``: its per-channel moments over the non-channel axes in
 float32 or better (the activation's own dtype when it is float64), computed on the activation's device with no
 host sync. Those per-batch moments merge into running ones in float64 (float32 on MPS) with Chan's update, one
-tap at a time (``ChannelMoments.update``/``merge``) or many taps at once (``merge_many``, what the recorder does
-after each forward). Nothing is copied to the host until ``finalize``; ``state``/``from_state`` hand the moments
-to ``torch.save`` or to ``torch.distributed`` collectives (``spp.distributed``).
+tap at a time (``ChannelMoments.add``/``merge``) or many taps at once (``merge_many``, what the recorder does
+after each forward); both are the same batched update. Nothing is copied to the host until ``summarize`` (or
+``ChannelMoments.summary``), which reduces any number of taps with one device-to-host copy.
 
 Two ways to a tensor's moments on CPU, chosen per tensor:
 
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spp.errors import SppError
+
 # Inner (spatial) extents at least this long are summed first; shorter ones after the batch axis (CPU only).
 _INNER_FIRST = 32
 # Tensors above _CHUNK_MIN elements take their squared deviations in pieces of about _CHUNK elements (CPU).
@@ -49,8 +51,14 @@ _COL_MAX = 256
 
 
 def channel_axis(x: torch.Tensor, channel_dim: int | None) -> int:
-    """The channel axis of ``x``: explicit, or 1 for (B, C), (B, C, H, W), (B, C, D, H, W); -1 for tokens (B, N, C)."""
+    """The channel axis of ``x``: explicit, or 1 for (B, C), (B, C, H, W), (B, C, D, H, W); -1 for tokens (B, N, C).
+
+    An explicit axis outside ``[-ndim, ndim)`` is an error, never wrapped: axis 7 of a 4-D tensor is a typo.
+    """
     if channel_dim is not None:
+        if not -x.ndim <= channel_dim < x.ndim:
+            raise SppError(f"channel axis {channel_dim} does not exist in a tensor of shape {tuple(x.shape)} "
+                           f"(valid: {-x.ndim} to {x.ndim - 1})")
         return channel_dim % x.ndim
     if x.ndim == 3:
         return 2
@@ -308,7 +316,8 @@ try:
     from torch._C._nn import mse_loss as _mse_loss
 
     def _squared_difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return _mse_loss(a, b, 0) if out is None else _mse_loss(a, b, 0, out=out)  # 0 = reduction "none"
+        # 0 = reduction "none"; the binding takes the enum's int (the stubs say str)
+        return _mse_loss(a, b, 0) if out is None else _mse_loss(a, b, 0, out=out)  # type: ignore[arg-type, call-arg]
 
 except ImportError:  # pragma: no cover - private binding moved: the public functional does the same
 
@@ -320,7 +329,7 @@ except ImportError:  # pragma: no cover - private binding moved: the public func
 class ChannelMoments:
     """Running per-channel moments of one tap. ``count`` is a Python int, so updates never sync with the device.
 
-    ``mean`` and ``m2`` are owned by this object and updated in place.
+    ``mean`` and ``m2`` are owned by this object and updated in place; every update goes through ``merge_many``.
     """
 
     __slots__ = ("count", "m2", "mean")
@@ -331,86 +340,44 @@ class ChannelMoments:
         self.m2: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, channel_dim: int | None = None) -> None:
-        """Fold a tensor in: statistics over every axis but the channel axis."""
+        """Fold a tensor in: statistics over every axis but the channel axis (exact two-pass kernel)."""
         n, mean, m2 = channel_stats(x, channel_axis(x, channel_dim))
         self.add(n, mean, m2)
 
     def add(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Fold in the moments of ``n`` more values per channel (e.g. from ``channel_stats``)."""
-        if n <= 0:
-            return
-        with torch.inference_mode(False):  # running moments stay normal tensors, updatable in any mode
-            self._add(n, mean, m2)
-
-    def _add(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        if self.count == 0:
-            acc = accumulation_dtype(mean.device)
-            self.count, self.mean, self.m2 = n, _owned(mean, acc), _owned(m2, acc)
-            return
-        if mean.shape != self.mean.shape:
-            raise ValueError(f"channel count changed between batches: {self.mean.shape[0]} then {mean.shape[0]}")
-        w_mean, w_m2 = _weights(self.count, n)
-        mean = mean.to(self.mean.device, self.mean.dtype)
-        delta = mean - self.mean
-        self.m2.add_(m2.to(self.m2.device, self.m2.dtype)).addcmul_(delta, delta, value=w_m2)
-        self.mean.add_(delta.mul_(w_mean))
-        self.count += n
+        merge_many([(self, n, mean, m2)])
 
     def merge(self, other: ChannelMoments) -> None:
         """Fold in another tap's moments (other micro-batches, another process); ``other`` is left unchanged."""
         if other.count:
+            assert other.mean is not None and other.m2 is not None
             self.add(other.count, other.mean, other.m2)
 
-    def finalize(self) -> Summary:
-        """Move to the host once and reduce to the SPP scalars."""
-        if self.count == 0:
-            return Summary(0, float("nan"), float("nan"), 0, 0)
-        # to the host first, then float64: MPS has no float64
-        return _summary(self.count, self.mean.detach().cpu().double(), self.m2.detach().cpu().double())
+    def assign(self, other: ChannelMoments, device: torch.device | None = None) -> None:
+        """Become ``other`` (its tensors moved to ``device`` when given): how a cross-process merge hands back."""
+        self.count = other.count
+        self.mean = None if other.mean is None else other.mean.to(device or other.mean.device)
+        self.m2 = None if other.m2 is None else other.m2.to(device or other.m2.device)
 
-    def state(self) -> dict:
-        """Plain tensors for saving or for ``torch.distributed`` collectives (copies: safe to keep)."""
-        return {
-            "count": self.count,
-            "mean": None if self.mean is None else self.mean.clone(),
-            "m2": None if self.m2 is None else self.m2.clone(),
-        }
-
-    @classmethod
-    def from_state(cls, state: dict) -> ChannelMoments:
-        m = cls()
-        count = int(state["count"])
-        if count:
-            m.add(count, state["mean"], state["m2"])
-        return m
+    def summary(self) -> Summary:
+        """The SPP scalars of this tap (one host copy)."""
+        return summarize([self])[0]
 
 
-def _summary(count: int, mean: torch.Tensor, m2: torch.Tensor) -> Summary:
-    var = m2 / count
-    nonfinite = int((~torch.isfinite(mean) | ~torch.isfinite(var)).sum())
-    return Summary(
-        count=count,
-        avg_sq_mean=float((mean * mean).mean()),
-        avg_var=float(var.mean()),
-        channels=int(mean.numel()),
-        nonfinite_channels=nonfinite,
-    )
-
-
-def finalize_many(moments: Sequence[ChannelMoments]) -> list[Summary]:
-    """``finalize`` of each, with one device-to-host copy per device and a few vectorised reductions on the host
+def summarize(moments: Sequence[ChannelMoments]) -> list[Summary]:
+    """The SPP scalars of each, with one device-to-host copy per device and a few vectorised reductions on the host
     (segment sums over channels) instead of ~10 small ops per tap."""
-    out: list[Summary | None] = [None] * len(moments)
-    by_device: dict[torch.device, list[int]] = {}
+    out: list[Summary] = [Summary(0, math.nan, math.nan, 0, 0) for _ in moments]
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for k, m in enumerate(moments):
-        if m.count == 0:
-            out[k] = Summary(0, float("nan"), float("nan"), 0, 0)
-        else:
-            by_device.setdefault(m.mean.device, []).append(k)
-    for ks in by_device.values():
-        sizes = [moments[k].mean.numel() for k in ks]
-        flat = torch.cat([moments[k].mean.detach().reshape(-1) for k in ks]
-                         + [moments[k].m2.detach().reshape(-1) for k in ks]).cpu().double()  # MPS: no float64
+        if m.count and m.mean is not None and m.m2 is not None:
+            by_device.setdefault(m.mean.device, []).append((k, m.mean, m.m2))
+    for found in by_device.values():
+        ks = [k for k, _, _ in found]
+        sizes = [mean.numel() for _, mean, _ in found]
+        flat = torch.cat([mean.detach().reshape(-1) for _, mean, _ in found]
+                         + [m2.detach().reshape(-1) for _, _, m2 in found]).cpu().double()  # MPS: no float64
         total = sum(sizes)
         mean, m2 = flat[:total], flat[total:]
         sizes_t = torch.tensor(sizes, dtype=torch.int64)
@@ -424,7 +391,7 @@ def finalize_many(moments: Sequence[ChannelMoments]) -> list[Summary]:
         nonfinite = torch.zeros(len(ks), dtype=torch.int64).index_add(0, seg, bad).tolist()
         for j, k in enumerate(ks):
             out[k] = Summary(moments[k].count, avg_sq[j], avg_var[j], sizes[j], nonfinite[j])
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -439,27 +406,45 @@ def _weights(n_a: int, n_b: int) -> tuple[float, float]:
     return n_b / n, n_a * n_b / n
 
 
-def merge_many(items: Sequence[tuple[ChannelMoments, int, torch.Tensor | Sums, torch.Tensor | None]]) -> None:
-    """Fold per-batch ``(moments, n, mean, m2)`` into their moments, in order, with a handful of foreach ops.
+# (moments to update, n values per channel, per-batch mean or the Sums of channel_sums, per-batch M2 or None)
+MergeItem = tuple[ChannelMoments, int, "torch.Tensor | Sums", "torch.Tensor | None"]
+_Exact = tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]
 
-    The same as ``moments.add(n, mean, m2)`` for each item in turn (a ChannelMoments may appear more than once,
-    e.g. a module called twice in a forward), but the C-sized merges of all taps run as a few batched kernels
-    instead of ~6 ops per tap. The per-batch moments are taken over (not copied again) where they already have
-    the accumulation dtype. An item may also be ``(moments, n, sums, None)`` with the ``Sums`` of ``channel_sums``:
-    those are reduced to float64 (mean, M2) first, all of them together.
+
+def merge_many(items: Sequence[MergeItem]) -> None:
+    """Fold per-batch ``(moments, n, mean, m2)`` into their moments, in order: Chan's parallel update, batched.
+
+    The one merge of spp: ``ChannelMoments.add`` calls it with one item, the recorder with every tensor of a forward,
+    ``spp.distributed`` with every rank's moments. A ChannelMoments may appear more than once (a module called
+    twice in a forward): its items are applied in order. The C-sized updates of all taps run as a few foreach
+    kernels instead of ~6 ops per tap. Per-batch moments are taken over (not copied again) where they already have
+    the accumulation dtype. An item may be ``(moments, n, sums, None)`` with the ``Sums`` of ``channel_sums``: those
+    are reduced to float64 (mean, M2) first, all of them together.
     """
-    items = [it for it in items if it[1] > 0]
+    live = [it for it in items if it[1] > 0]
     with torch.inference_mode(False):  # running moments stay normal tensors, updatable in any mode
-        sums = [k for k, it in enumerate(items) if isinstance(it[2], Sums)]
-        if sums:
-            reduced = _reduce_sums([items[k][2] for k in sums])
-            for k, (mean, m2) in zip(sums, reduced, strict=True):
-                items[k] = (items[k][0], items[k][1], mean, m2)
-        _merge_all(items)
+        reduced = iter(_reduce_sums([it[2] for it in live if isinstance(it[2], Sums)]))
+        exact: list[_Exact] = []
+        for m, n, mean, m2 in live:
+            if isinstance(mean, Sums):
+                mean, m2 = next(reduced)
+            assert m2 is not None
+            exact.append((m, n, mean, m2))
+        while exact:  # rounds in which each ChannelMoments appears at most once
+            seen: set[int] = set()
+            now: list[_Exact] = []
+            later: list[_Exact] = []
+            for it in exact:
+                (later if id(it[0]) in seen else now).append(it)
+                seen.add(id(it[0]))
+            _merge_distinct(now)
+            exact = later
 
 
 def _reduce_sums(sums: list[Sums]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Float64 (mean, M2) of each ``Sums``, computed for all of them together."""
+    if not sums:
+        return []
     sizes = [t.s.numel() for t in sums]
     s = torch.cat([t.s for t in sums]).double()
     q = torch.cat([t.q for t in sums]).double()
@@ -469,52 +454,49 @@ def _reduce_sums(sums: list[Sums]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(mean.split(sizes), m2.split(sizes), strict=True))
 
 
-def _merge_all(items: list[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]]) -> None:
-    while items:
-        seen: set[int] = set()
-        now, later = [], []
-        for it in items:
-            (later if id(it[0]) in seen else now).append(it)
-            seen.add(id(it[0]))
-        _merge_distinct(now)
-        items = later
+def _gathered(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``tensors`` on ``device`` in ``dtype``: one transfer for many (a cat, then views), a plain ``.to`` for few."""
+    if len(tensors) < 4:
+        return [t.to(device, dtype) for t in tensors]
+    return list(torch.cat([t.reshape(-1) for t in tensors]).to(device, dtype).split([t.numel() for t in tensors]))
 
 
-def _merge_distinct(items: list[tuple[ChannelMoments, int, torch.Tensor, torch.Tensor]]) -> None:
-    groups: dict[tuple[torch.device, torch.dtype], list] = {}
-    fresh: dict[torch.device, list] = {}
+def _live(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None, "moments with a count have tensors"
+    return t
+
+
+def _merge_distinct(items: list[_Exact]) -> None:
+    """Chan's update for items whose ChannelMoments are all different."""
+    fresh: dict[torch.device, list[_Exact]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[_Exact]] = {}
     for it in items:
-        m, n, mean, m2 = it
-        if m.count == 0:
+        m, _, mean, _ = it
+        if m.count == 0 or m.mean is None:
             fresh.setdefault(mean.device, []).append(it)
         elif mean.shape != m.mean.shape:
             raise ValueError(f"channel count changed between batches: {m.mean.shape[0]} then {mean.shape[0]}")
         else:
             groups.setdefault((m.mean.device, m.mean.dtype), []).append(it)
-    for device, group in fresh.items():
+    for device, group in fresh.items():  # a first batch: take the moments over
         acc = accumulation_dtype(device)
         if len(group) < 4:
             for m, n, mean, m2 in group:
                 m.count, m.mean, m.m2 = n, _owned(mean, acc), _owned(m2, acc)
             continue
-        # First batch of many taps: one new buffer (torch.cat always copies), each tap owning a disjoint slice.
+        # Many taps: one new buffer (torch.cat always copies), each tap owning a disjoint slice of it.
         sizes = [it[2].numel() for it in group]
         flat = torch.cat([it[2].reshape(-1) for it in group] + [it[3].reshape(-1) for it in group]).to(acc)
         parts = flat.split(sizes + sizes)
         for j, (m, n, mean, _) in enumerate(group):
             m.count, m.mean, m.m2 = n, parts[j].view(mean.shape), parts[len(group) + j].view(mean.shape)
     for (device, dtype), group in groups.items():
-        if len(group) < 4:
-            for m, n, mean, m2 in group:
-                m._add(n, mean, m2)
-            continue
-        sizes = [it[2].numel() for it in group]
-        means_b = torch.cat([it[2].reshape(-1) for it in group]).to(device, dtype).split(sizes)
-        m2s_b = torch.cat([it[3].reshape(-1) for it in group]).to(device, dtype).split(sizes)
+        means_b = _gathered([it[2] for it in group], device, dtype)
+        m2s_b = _gathered([it[3] for it in group], device, dtype)
         weights = [_weights(it[0].count, it[1]) for it in group]
-        means = [it[0].mean for it in group]
-        m2s = [it[0].m2 for it in group]
-        delta = torch._foreach_sub(means_b, means)
+        means = [_live(it[0].mean) for it in group]
+        m2s = [_live(it[0].m2) for it in group]
+        delta = list(torch._foreach_sub(means_b, means))
         torch._foreach_add_(m2s, m2s_b)
         torch._foreach_addcmul_(m2s, delta, delta, [w for _, w in weights])
         torch._foreach_mul_(delta, [w for w, _ in weights])

@@ -10,14 +10,10 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-from spp.record import Record
+from spp.records import Record
+from spp.schema import STATISTICS, TITLES
 
-PANELS = (
-    ("avg_sq_mean", "Average channel squared mean"),
-    ("avg_var", "Average channel variance"),
-    ("res_avg_var", "Residual average channel variance"),
-)
-FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+PANELS = tuple((key, TITLES[key]) for key in STATISTICS)
 XAxis = Literal["block", "relative"]
 
 # The references keep fixed, muted colours so a user's curve always stands out in the same way.
@@ -64,7 +60,7 @@ def _spans_decades(values: Sequence[float]) -> bool:
     return bool(positive) and max(positive) / min(positive) >= 100.0
 
 
-def plot(
+def draw(
     records: Record | Sequence[Record],
     *,
     references: Sequence[Record] = (),
@@ -135,7 +131,7 @@ def plot(
 
 def save_figure(fig, path: str) -> None:
     """Write ``fig`` to ``path`` atomically (PNG/SVG/PDF by suffix): a temp file beside it, then a rename."""
-    from spp.outputs import atomic_path
+    from spp.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=path.rsplit(".", 1)[-1].lower())

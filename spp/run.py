@@ -1,22 +1,26 @@
 """One recording run from plain settings: resolve the model, make the inputs, hook, forward, return a Record.
 
 ``RunConfig`` holds everything the CLI's model and input options say, so ``spp plot``, ``spp record``,
-``spp compare`` and notebooks build runs the same way.
+``spp compare``, the reference curves and notebooks build runs the same way; a Record keeps its RunConfig in
+``settings["run"]`` so the run can be rebuilt exactly (``RunConfig.from_settings``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from spp.errors import SppError
-from spp.record import Record
+from spp.records import Record
+from spp.validate import check_batching
 
 # Built-in ResNets downsample by 32: below this the last stage has no spatial extent left.
 MIN_RESOLUTION = 32
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,12 @@ class RunConfig:
     input: str | None = None  # None = Gaussian
     input_std: float = 1.0
     num_samples: int | None = None  # None = one micro-batch
-    batch_size: int = 8
+    batch_size: int = DEFAULT_BATCH_SIZE
     resolution: int | None = None  # None = the model's default
     in_chans: int | None = None
     seed: int = 0
     mode: str = "train"
+    stochastic: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     label: str | None = None
@@ -44,31 +49,39 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("train", "eval"):
             raise SppError(f"--mode must be train or eval, not {self.mode!r}")
-        if self.batch_size < 1:
-            raise SppError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise SppError(f"--num-samples must be at least 1, not {self.num_samples}")
+        check_batching(self.batch_size, self.num_samples)
         if self.resolution is not None and self.resolution < 1:
             raise SppError(f"--resolution must be positive, not {self.resolution}")
 
     def with_model(self, model: str, **kwargs: Any) -> RunConfig:
+        """The same inputs for another model (nothing of this model's loading carried over)."""
         return replace(self, model=model, model_kwargs=kwargs, checkpoint=None, pretrained=False, blocks=(),
                        residual_tap=None, label=None)
 
     def describe(self) -> dict[str, Any]:
+        """Plain data for a Record's settings; ``from_settings`` turns it back into this RunConfig."""
         d = asdict(self)
         d["blocks"] = list(self.blocks)
         return d
 
+    @classmethod
+    def from_settings(cls, run: dict[str, Any]) -> RunConfig:
+        """The RunConfig a Record was made with (its ``settings["run"]``); unknown keys of newer spp are dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in run.items() if k in known}
+        values["blocks"] = tuple(values.get("blocks") or ())
+        values["model_kwargs"] = dict(values.get("model_kwargs") or {})
+        return cls(**values)
+
 
 def default_resolution(cfg: RunConfig, data_config: dict[str, Any]) -> int:
+    """``--resolution``, else the model's own input size, else the inputs' ``DEFAULT_RESOLUTION``."""
+    from spp.inputs import DEFAULT_RESOLUTION
+
     if cfg.resolution is not None:
         return cfg.resolution
     size = data_config.get("input_size")
     return int(size[-1]) if size else DEFAULT_RESOLUTION
-
-
-DEFAULT_RESOLUTION = 128
 
 
 # progress(label, total_batches) -> a context manager yielding an on_batch(samples) callback
@@ -85,90 +98,22 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("timm", "torchvision"):
+    for dist in ("timm", "torchvision", "transformers"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def resolve_device(spec: str | None):
-    """``--device`` -> a torch.device that exists here: cpu, cuda, cuda:N, mps, or auto (cuda, then mps, then cpu).
-
-    Under torchrun, plain ``cuda`` is this rank's GPU (``cuda:LOCAL_RANK``). Anything unavailable is an SppError.
-    """
-    import torch
-
-    from spp.distributed import local_device
-
-    text = (spec or "cpu").strip().lower()
-    if text == "auto":
-        if torch.cuda.is_available():
-            text = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            text = "mps"
-        else:
-            text = "cpu"
-    text = local_device(text)
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise SppError(f"--device {spec!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise SppError(f"--device {spec}: {why}; use --device cpu (or auto)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise SppError(f"--device {spec}: there {'is' if count == 1 else 'are'} only {count} CUDA "
-                           f"device{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
-    elif device.type == "mps":
-        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise SppError(f"--device {spec}: MPS (Apple GPU) is not available here; use --device cpu (or auto)")
-    elif device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        available = getattr(backend, "is_available", None)
-        if available is None or not available():
-            raise SppError(f"--device {spec}: {device.type} is not available here; use cpu, cuda, mps or auto")
-    return device
-
-
-def resolve_dtype(spec: str | None):
-    """``--dtype`` -> the autocast dtype (None for float32: the forward runs as the model is)."""
-    import torch
-
-    text = (spec or "float32").strip().lower()
-    aliases = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if text not in aliases:
-        raise SppError(f"--dtype must be one of {', '.join(DTYPES)}, not {spec!r}")
-    return aliases[text]
-
-
-def _autocast(device, dtype):
-    """Autocast to ``dtype`` on ``device`` for the forward (weights keep their dtype; nothing cached)."""
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    try:
-        return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
-    except (RuntimeError, ValueError) as exc:
-        raise SppError(f"--dtype {str(dtype).removeprefix('torch.')} is not supported on {device.type}: "
-                       f"{str(exc).splitlines()[0]}") from None
-
-
-def record_model(cfg: RunConfig, *, progress: Progress | None = None, loaded=None) -> Record:
+def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any = None) -> Record:
     """Record the SPP of ``cfg.model`` on ``cfg``'s inputs; ``progress`` gets one task of micro-batches.
 
     The forward runs on ``cfg.device``, under autocast to ``cfg.dtype`` when that is not float32; statistics are
-    always accumulated in float32 or better. A model passed in ``loaded`` is moved to ``cfg.device`` in place
-    (``nn.Module.to``); its weights keep their dtype. Under torchrun (``spp.distributed``) every rank records its
-    share of the micro-batches and every rank returns the merged Record.
+    always accumulated in float32 or better. A model passed in ``loaded`` (a ``LoadedModel``) is moved to
+    ``cfg.device`` in place (``nn.Module.to``); its weights keep their dtype. Under torchrun (``spp.distributed``)
+    every rank records its share of the micro-batches and every rank returns the merged Record.
     """
     from spp import distributed, hooks
+    from spp.devices import autocast, off_cpu, resolve_device, resolve_dtype
     from spp.inputs import make_input
     from spp.loading import load_model
 
@@ -180,7 +125,10 @@ def record_model(cfg: RunConfig, *, progress: Progress | None = None, loaded=Non
         torch.manual_seed(cfg.seed)  # the model's init is part of the experiment: same seed, same weights
         loaded = load_model(cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
                             checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_pickle)
-    model = loaded.model.to(device) if device.type != "cpu" or _off_cpu(loaded.model) else loaded.model
+    model = loaded.model.to(device) if device.type != "cpu" or off_cpu(loaded.model) else loaded.model
+    if cfg.mode == "train" and cfg.batch_size == 1 and _has_batch_statistics(model):
+        raise SppError("--batch-size 1 with BatchNorm in train mode: each sample would be normalised on its own; "
+                       "use --batch-size 2 or more, or --mode eval")
     resolution = default_resolution(cfg, loaded.data_config)
     if loaded.source == "spp" and resolution < MIN_RESOLUTION:
         raise SppError(f"--resolution {resolution} is too small for {cfg.model}: it downsamples by 32, "
@@ -205,11 +153,12 @@ def record_model(cfg: RunConfig, *, progress: Progress | None = None, loaded=Non
     total = len(indices) if indices is not None else source.num_batches
     try:
         with (progress or no_progress)(f"recording {cfg.label or loaded.name}", total) as on_batch, \
-                _autocast(device, dtype):
+                autocast(device, dtype):
             return hooks.record(
                 model,
                 source.batches(indices, device=device),
-                mode=cfg.mode,
+                mode=cfg.mode,  # type: ignore[arg-type]  # checked in RunConfig
+                stochastic=cfg.stochastic,
                 blocks=list(cfg.blocks) or None,
                 residual_tap=cfg.residual_tap,
                 channel_dim=cfg.channel_dim,
@@ -224,9 +173,18 @@ def record_model(cfg: RunConfig, *, progress: Progress | None = None, loaded=Non
                        f"{first}") from None
 
 
-def _off_cpu(model) -> bool:
-    """True when some parameter or buffer of ``model`` is not on the CPU (then ``--device cpu`` moves it)."""
-    import itertools
+def _has_batch_statistics(model: Any) -> bool:
+    from spp.modelstate import uses_batch_statistics
 
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first is not None and first.device.type != "cpu"
+    return any(uses_batch_statistics(m) for m in model.modules())
+
+
+def record_cached(cfg: RunConfig, *, progress: Progress | None = None, use_cache: bool = True) -> Record:
+    """``record_run(cfg)``, or its curve from the on-disk cache when ``cfg`` is a cacheable run (``spp.cache``:
+    built-in models, randomly initialised) that was recorded before."""
+    from spp import cache, distributed
+    from spp.devices import resolve_device
+
+    if distributed.env_context().active:
+        distributed.init_from_env(resolve_device(cfg.device))  # the cache's hit-or-miss broadcast needs the group
+    return cache.cached_record(cfg, lambda: record_run(cfg, progress=progress), use_cache=use_cache)

@@ -52,7 +52,9 @@ class Tap:
     a projection's output), so that ``output == shortcut + scale * branch`` can be checked on real tensors.
     ``branch`` names the branch of a block that adds several ("attn", "mlp"); "" for a block's only branch.
     ``stream`` says what ``output`` holds when it is not the plain sum after the addition (post-norm blocks:
-    the input of the norm that follows the addition).
+    the input of the norm that follows the addition); ``post_activation`` names an activation applied to the sum
+    before ``output`` (post-activation ResNets: "relu"), so the residual identity reads
+    ``output == act(shortcut + scale * branch)``.
     """
 
     name: str
@@ -68,4 +70,5 @@ class Tap:
     shortcut: Site | None = None
     branch: str = ""
     stream: str = ""
+    post_activation: str = ""  # an activation applied after the addition (post-activation ResNets: "relu")
     layer: int = -1  # the block's number (0 = stem); the taps of one block share it; set by find_taps

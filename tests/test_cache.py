@@ -28,13 +28,16 @@ def cache_dir(tmp_path, monkeypatch):
 def recordings(monkeypatch):
     """Counts the references actually recorded (cache misses)."""
     calls: list[str] = []
-    real = spp.references.record_model
+    real = cache.cached_record
 
-    def counting(cfg, **kw):
-        calls.append(cfg.model)
-        return real(cfg, **kw)
+    def counting(cfg, compute, **kw):
+        def miss():
+            calls.append(cfg.model)
+            return compute()
 
-    monkeypatch.setattr(spp.references, "record_model", counting)
+        return real(cfg, miss, **kw)
+
+    monkeypatch.setattr(cache, "cached_record", counting)
     return calls
 
 
@@ -123,13 +126,13 @@ def test_plot_records_the_model_and_reads_the_references(tmp_path, cache_dir, re
     from spp import commands
 
     out = tmp_path / "a.png"
-    cold = commands.plot(CFG, out=str(out), reference="bn_relu_resnet,nf_resnet")
+    cold = commands.plot_model(CFG, out=str(out), reference="bn_relu_resnet,nf_resnet")
     assert sorted(recordings) == ["bn_relu_resnet50"]  # nf_resnet50 at width 0.125 is the model itself
-    warm = commands.plot(CFG, out=str(out))
+    warm = commands.plot_model(CFG, out=str(out))
     assert sorted(recordings) == ["bn_relu_resnet50", "relu_bn_resnet50"]
     assert [r.label for r in cold.references] == ["BN-ReLU-Conv (pre-activation ResNet-V2) 50"]
     assert [r.label for r in warm.references] == [cold.references[0].label, "ReLU-BN-Conv 50"]
-    commands.plot(CFG, out=str(out), use_cache=False)
+    commands.plot_model(CFG, out=str(out), use_cache=False)
     assert len(recordings) == 4
 
 

@@ -60,7 +60,7 @@ def test_unknown_model_is_one_line_with_close_matches(tmp_path):
     "args,message",
     [
         (["--resolution", "16"], "too small"),
-        (["--batch-size", "1", "--model", "bn_relu_resnet50"], "batch size 1"),
+        (["--batch-size", "1", "--model", "bn_relu_resnet50"], "--batch-size 1 with BatchNorm"),
         (["--out", "/nonexistent-folder/x.png"], "does not exist"),
         (["--out", "{tmp}/x.gif"], "unknown suffix"),
         (["--table", "{tmp}/x.xlsx"], "unknown suffix"),

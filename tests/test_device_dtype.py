@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 import spp.hooks
 import spp.moments
 from spp.cli import app
+from spp.devices import resolve_device, resolve_dtype
 from spp.errors import SppError
 from spp.loading import LoadedModel
 from spp.models import create_model
-from spp.moments import ChannelMoments, Sums, Workspace, channel_stats, channel_sums, finalize_many, merge_many
-from spp.run import RunConfig, record_model, resolve_device, resolve_dtype
+from spp.moments import ChannelMoments, Sums, Workspace, channel_stats, channel_sums, merge_many, summarize
+from spp.run import RunConfig, record_run
 
 CUDA = torch.cuda.is_available()
 MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -102,7 +103,7 @@ def test_micro_batches_equal_one_shot_on_every_path():
         parts = ChannelMoments()
         for part in x.split([1, 4, 2, 5]):
             parts.update(part)
-        a, b = one.finalize(), parts.finalize()
+        a, b = one.summary(), parts.summary()
         assert a.count == b.count
         assert abs(a.avg_var - b.avg_var) <= 1e-6 * a.avg_var
         assert abs(a.avg_sq_mean - b.avg_sq_mean) <= 1e-6 * a.avg_sq_mean
@@ -122,8 +123,8 @@ def test_merge_many_equals_sequential_adds():
         assert a.count == b.count
         assert torch.allclose(a.mean, b.mean, rtol=1e-12, atol=1e-12)
         assert torch.allclose(a.m2, b.m2, rtol=1e-12, atol=1e-12)
-    for s, t in zip(finalize_many(merged), merged, strict=True):
-        assert s.avg_var == pytest.approx(t.finalize().avg_var, rel=1e-12)
+    for s, t in zip(summarize(merged), merged, strict=True):
+        assert s.avg_var == pytest.approx(t.summary().avg_var, rel=1e-12)
 
 
 # ---- the fast path: sums and sums of squares, refused where they would cancel -----------------------------------
@@ -241,14 +242,15 @@ def test_merge_many_mixes_sums_and_exact_moments():
     assert torch.allclose(merged.m2, sequential.m2, rtol=1e-6, atol=0)
 
 
-def test_state_is_a_copy_and_round_trips():
+def test_merge_copies_and_leaves_the_source_alone():
     m = ChannelMoments()
     m.update(shifted((4, 3, 2, 2)))
-    state = m.state()
-    copy = ChannelMoments.from_state(state)
+    before = m.mean.clone(), m.m2.clone()
+    copy = ChannelMoments()
+    copy.merge(m)
     copy.update(shifted((4, 3, 2, 2), seed=1))
-    assert m.count == state["count"] == 16 and copy.count == 32
-    assert torch.equal(state["mean"], m.mean)  # the original was not touched by the copy's update
+    assert m.count == 16 and copy.count == 32
+    assert torch.equal(before[0], m.mean) and torch.equal(before[1], m.m2)  # the copy's update left m alone
 
 
 def test_recorder_under_inference_mode_then_normal_mode():
@@ -315,8 +317,8 @@ def test_resolve_dtype():
 
 def test_bfloat16_forward_on_cpu_keeps_float32_statistics():
     cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, batch_size=4)
-    full = record_model(cfg)
-    low = record_model(RunConfig(**{**cfg.__dict__, "dtype": "bfloat16"}))
+    full = record_run(cfg)
+    low = record_run(RunConfig(**{**cfg.__dict__, "dtype": "bfloat16"}))
     assert [r["count"] for r in low.rows] == [r["count"] for r in full.rows]
     for a, b in zip(full.rows[1:], low.rows[1:], strict=True):
         assert b["avg_var"] == pytest.approx(a["avg_var"], rel=0.1)  # bf16 rounding, not a different model
@@ -329,7 +331,7 @@ def test_users_model_keeps_its_dtype_and_weights():
     model = create_model("nf_resnet50", width=0.125)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = RunConfig(model="mine", resolution=32, batch_size=2, dtype="bfloat16")
-    record_model(cfg, loaded=LoadedModel(model, "mine", "file", "mine"))
+    record_run(cfg, loaded=LoadedModel(model, "mine", "file", "mine"))
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
@@ -354,12 +356,12 @@ def test_cuda_record_equals_cpu_record():
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, batch_size=4,
                     num_samples=8)
-    cpu = record_model(cfg)
-    gpu = record_model(RunConfig(**{**cfg.__dict__, "device": "cuda"}))
+    cpu = record_run(cfg)
+    gpu = record_run(RunConfig(**{**cfg.__dict__, "device": "cuda"}))
     for a, b in zip(cpu.rows[1:], gpu.rows[1:], strict=True):
         assert b["avg_var"] == pytest.approx(a["avg_var"], rel=1e-4)
         assert b["res_avg_var"] == pytest.approx(a["res_avg_var"], rel=1e-4)
-    half = record_model(RunConfig(**{**cfg.__dict__, "device": "cuda", "dtype": "bfloat16"}))
+    half = record_run(RunConfig(**{**cfg.__dict__, "device": "cuda", "dtype": "bfloat16"}))
     assert all(r["nonfinite"] == 0 for r in half.rows)
 
 

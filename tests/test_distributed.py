@@ -21,9 +21,9 @@ import torch.multiprocessing as mp
 
 import spp.hooks
 from spp import distributed
-from spp.io import load_record, save_record
+from spp.files import load_record, save_record
 from spp.models import create_model
-from spp.run import RunConfig, record_model
+from spp.run import RunConfig, record_run
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = ("avg_sq_mean", "avg_var", "res_avg_var")
@@ -75,7 +75,7 @@ def _record_worker(rank: int, world: int, port: int, names: list[str], out: str)
     os.environ.update(dist_env(rank, world, port))
     torch.set_num_threads(1)
     for name in names:
-        rec = record_model(CONFIGS[name])
+        rec = record_run(CONFIGS[name])
         save_record(rec, os.path.join(out, f"{name}-rank{rank}.json"))
         assert distributed.current().world_size == world
 
@@ -93,8 +93,8 @@ def _recorder_worker(rank: int, world: int, port: int, out: str) -> None:
             model(batches[j])
     distributed.merge_moments(rec)
     save_record(rec.snapshot(), os.path.join(out, f"recorder-rank{rank}.json"))
-    states = [(o.state(), r.state()) for o, r in rec.moments()]
-    torch.save({"count": [s[0]["count"] for s in states], "mean": [s[0]["mean"] for s in states]},
+    outputs = [o for o, _ in rec.moments()]
+    torch.save({"count": [o.count for o in outputs], "mean": [o.mean.clone() for o in outputs]},
                os.path.join(out, f"state-rank{rank}.pt"))
 
 
@@ -108,7 +108,7 @@ def two_rank_records(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_ranks_equal_one_process(two_rank_records, name):
-    single = record_model(CONFIGS[name])
+    single = record_run(CONFIGS[name])
     r0 = load_record(two_rank_records / f"{name}-rank0.json")
     r1 = load_record(two_rank_records / f"{name}-rank1.json")
     assert_same_stats(single, r0)
@@ -181,4 +181,4 @@ def test_torchrun_cli_writes_once_and_matches(tmp_path):
     assert merged["settings"]["world_size"] == 2
     cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, num_samples=12,
                     batch_size=4)
-    assert_same_stats(record_model(cfg), load_record(out))
+    assert_same_stats(record_run(cfg), load_record(out))

@@ -17,7 +17,7 @@ import spp.discovery as discovery
 from spp import hooks
 from spp.discovery import find_taps
 from spp.errors import SppError
-from spp.families import ZERO_BRANCH
+from spp.rules.common import ZERO_BRANCH
 from spp.taps import Difference, Site
 from tests.helpers_families import (
     ActAfterFunctionalToy,
@@ -446,12 +446,11 @@ def test_fallback_claims_nothing_it_cannot_prove(toy):
 
 
 @pytest.mark.parametrize(("source", "name"), [("tv", "resnet18"), ("timm", "vit_tiny_patch16_224")])
-def test_fallback_agrees_with_the_family_rules(monkeypatch, source, name):
+def test_fallback_agrees_with_the_family_rules(source, name):
     """With the family rules switched off, the traced fallback finds the same blocks and the same sites."""
     model = tv_model(name) if source == "tv" else timm_model(name, img_size=32, patch_size=8, depth=3)
     specific = find_taps(model)
-    monkeypatch.setattr(discovery, "RULES", [r for r in discovery.RULES if r[0] == "spp"])
-    traced = find_taps(model)
+    traced = find_taps(model, rules=[r for r in discovery.DEFAULT_RULES if r.name in ("spp", "fallback (traced add)")])
     assert all(t.rule.startswith("fallback (traced add)") for t in blocks(traced))
     assert [(t.module, t.output, t.residual, t.channel_dim) for t in traced] == [
         (t.module, t.output, t.residual, t.channel_dim) for t in specific

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from spp.distributed import Context
 from spp.errors import SppError
-from spp.inputs import GaussianInput, ImageInput, InputSource, TensorInput, make_input
+from spp.inputs import DEFAULT_RESOLUTION, GaussianInput, ImageInput, InputSource, TensorInput, make_input
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear", "crop_pct": 0.875}
 
@@ -56,6 +57,11 @@ def all_samples(source: InputSource, indices=None) -> torch.Tensor:
 # ---- Gaussian -------------------------------------------------------------------------------------------------
 
 
+def shard(source: InputSource, rank: int) -> list[int]:
+    """The micro-batches rank ``rank`` of two records (``spp.distributed.Context.shard``)."""
+    return Context(rank=rank, world_size=2).shard(source.num_batches)
+
+
 def test_gaussian_batches_are_reproducible_and_shard_exactly():
     source = GaussianInput((3, 4, 4), num_samples=10, batch_size=4, seed=7, std=2.0)
     assert source.num_batches == 3 and [len(source.batch_slice(j)) for j in range(3)] == [4, 4, 2]
@@ -63,7 +69,7 @@ def test_gaussian_batches_are_reproducible_and_shard_exactly():
     torch.testing.assert_close(
         full[:4], torch.randn((4, 3, 4, 4), generator=torch.Generator().manual_seed(7 * 1_000_003)) * 2.0
     )
-    shards = [source.shard(r, 2) for r in range(2)]
+    shards = [shard(source, r) for r in range(2)]
     assert shards == [[0, 2], [1]]
     again = torch.cat([all_samples(source, [0]), all_samples(source, [1]), all_samples(source, [2])])
     assert torch.equal(again, full)
@@ -76,7 +82,11 @@ def test_make_input_gaussian_shape_from_the_model():
     assert isinstance(source, GaussianInput) and source.shape == (1, 32, 32) and source.num_samples == 3
     assert make_input("gaussian", resolution=16, data_config=vit).shape == (1, 16, 16)
     assert make_input(None, shape=(3, 8, 8), num_samples=5, batch_size=2).num_batches == 3
-    assert make_input(None).shape == (3, 224, 224)
+    # One default resolution everywhere: the library's and the CLI's runs agree.
+    from spp.run import RunConfig, default_resolution
+
+    side = default_resolution(RunConfig(model="m"), {})
+    assert side == DEFAULT_RESOLUTION == 128 and make_input(None).shape == (3, side, side)
 
 
 # ---- images ---------------------------------------------------------------------------------------------------
@@ -134,8 +144,8 @@ def test_image_shards_are_disjoint_and_complete(image_dir):
         warnings.simplefilter("ignore", UserWarning)  # the corrupt file, index 4: in rank 0's shard
         source = make_input(str(folder), batch_size=1, resolution=8)
         full = all_samples(source)
-        parts = [all_samples(source, source.shard(rank, 2)) for rank in range(2)]
-    assert source.shard(0, 2) == [0, 2, 4] and source.shard(1, 2) == [1, 3, 5]
+        parts = [all_samples(source, shard(source, rank)) for rank in range(2)]
+    assert shard(source, 0) == [0, 2, 4] and shard(source, 1) == [1, 3, 5]
     assert [p.shape[0] for p in parts] == [2, 3] and full.shape[0] == 5
     pooled = torch.cat(parts)
     matches = [[i for i in range(len(pooled)) if torch.equal(pooled[i], row)] for row in full]
@@ -177,7 +187,7 @@ def test_pt_and_npy_tensors_batch_and_shard(tmp_path):
         batches = list(source.batches())
         assert [b.shape[0] for b in batches] == [3, 3, 1] and batches[0].dtype == torch.float32
         torch.testing.assert_close(torch.cat(batches), data.float())
-        shards = [torch.cat(list(source.batches(source.shard(r, 2)))) for r in range(2)]
+        shards = [torch.cat(list(source.batches(shard(source, r)))) for r in range(2)]
         assert torch.equal(torch.cat([shards[0][:3], shards[1], shards[0][3:]]), torch.cat(batches))
     assert make_input(str(pt), num_samples=4, batch_size=8).num_samples == 4
     assert source.describe()["input_shape"] == [3, 5, 5]

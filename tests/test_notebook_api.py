@@ -1,4 +1,4 @@
-"""The notebook API: light imports, Record.plot / render.plot figures, HTML, and SignalRecorder in a loop."""
+"""The notebook API: light imports, spp.plot / render.draw figures, HTML, and SignalRecorder in a loop."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import spp.hooks
 from spp.discovery import find_taps
 from spp.errors import SppError
 from spp.models import create_model
-from spp.record import Record
-from spp.run import RunConfig, record_model
+from spp.records import Record
+from spp.run import RunConfig, record_run
 from tests.direct import capture, direct_stats
 
 
@@ -35,17 +35,17 @@ def _loaded_after(code: str, *flags: str) -> tuple[list[str], str]:
 
 def test_imports_stay_light():
     assert _loaded_after("import spp")[0] == []
-    loaded, importtime = _loaded_after("import spp.hooks; from spp import hooks; import spp.io, spp.compare; "
+    loaded, importtime = _loaded_after("import spp.hooks; from spp import hooks; import spp.files, spp.comparison; "
                                        "spp.load_record; spp.hooks.SignalRecorder", "-X", "importtime")
     assert "torch" in loaded and "matplotlib" not in loaded
     assert "spp.hooks" in importtime and "matplotlib" not in importtime
 
 
 def test_lazy_names():
-    from spp.io import load_record
+    from spp.files import load_record
 
     assert spp.load_record is load_record
-    assert spp.render.plot is not None and "load_record" in dir(spp)
+    assert spp.render.draw is not None and "load_record" in dir(spp)
     with pytest.raises(AttributeError):
         spp.no_such_thing  # noqa: B018
 
@@ -53,15 +53,15 @@ def test_lazy_names():
 @pytest.fixture(scope="module")
 def recs() -> list[Record]:
     cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32, batch_size=2)
-    a = record_model(cfg)
-    b = record_model(RunConfig(model="bn_relu_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
+    a = record_run(cfg)
+    b = record_run(RunConfig(model="bn_relu_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
                                batch_size=2))
     return [a, b]
 
 
 def test_record_plot_draws_the_numbers(recs):
     rec = recs[0]
-    fig = rec.plot()
+    fig = spp.plot(rec)
     assert isinstance(fig, Figure) and len(fig.axes) == 3
     for ax, stat in zip(fig.axes, ("avg_sq_mean", "avg_var", "res_avg_var"), strict=True):
         ys = [float(v) for v in ax.lines[0].get_ydata()]
@@ -69,7 +69,7 @@ def test_record_plot_draws_the_numbers(recs):
         assert [float(v) for v in ax.lines[0].get_xdata()] == list(range(17))
     plt.close(fig)
 
-    fig = rec.plot(references=[recs[1]], label="mine")
+    fig = spp.plot(rec, references=[recs[1]], labels=["mine"])
     ax = fig.axes[1]
     assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")][:1] == ["bn_relu_resnet50"]
     assert [float(v) for v in next(line for line in ax.lines if line.get_label() == "mine").get_ydata()] == \
@@ -77,15 +77,15 @@ def test_record_plot_draws_the_numbers(recs):
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3)
-    assert rec.plot(ax=axes, x="relative") is fig
+    assert spp.plot(rec, axes=axes, x="relative") is fig
     assert float(axes[1].lines[0].get_xdata()[-1]) == 1.0
     with pytest.raises(SppError, match="need 3 matplotlib Axes"):
-        rec.plot(ax=axes[0])
+        spp.plot(rec, axes=axes[0])
     plt.close(fig)
 
 
 def test_render_plot_draws_several_with_stage_ends(recs):
-    fig = spp.render.plot(recs, labels=["NF", "BN"])
+    fig = spp.render.draw(recs, labels=["NF", "BN"])
     ax = fig.axes[1]
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["NF", "BN"]

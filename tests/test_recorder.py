@@ -44,7 +44,7 @@ def test_moments_streamed_equal_one_shot_and_direct(shape, dim):
     streamed = ChannelMoments()
     for part in x.split([1, 2, x.shape[0] - 3]):
         streamed.update(part, dim)
-    a, b = one.finalize(), streamed.finalize()
+    a, b = one.summary(), streamed.summary()
     assert a.count == b.count == x.numel() // x.shape[dim]
     assert_close(b.avg_var, a.avg_var, 1e-6, "var")
     assert_close(b.avg_sq_mean, a.avg_sq_mean, 1e-6, "sq mean")
@@ -60,7 +60,7 @@ def test_moments_merge_equals_update_over_both():
     right.update(y)
     left.merge(right)
     both.update(torch.cat([x, y]))
-    assert_close(left.finalize().avg_var, both.finalize().avg_var, 1e-6)
+    assert_close(left.summary().avg_var, both.summary().avg_var, 1e-6)
     assert torch.allclose(left.mean, both.mean, rtol=1e-6, atol=1e-7)
 
 
@@ -69,7 +69,7 @@ def test_moments_report_nonfinite_channels():
     x[0, 1, 0, 0] = float("inf")
     m = ChannelMoments()
     m.update(x)
-    assert m.finalize().nonfinite_channels == 1
+    assert m.summary().nonfinite_channels == 1
 
 
 # ---- statistics equal a direct computation -------------------------------------------------------------------

@@ -9,7 +9,7 @@ convs) the activation's positive mean leaks through the weights and the squared 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from torch import nn
@@ -42,10 +42,11 @@ class NFBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         width = out_ch // 4
-        if ws:
-            conv = partial(ScaledStdConv2d, gamma=gamma(activation))
-        else:
-            conv = partial(he_conv, gain=second_moment_gain(activation))
+        conv: Callable[..., nn.Conv2d] = (
+            partial(ScaledStdConv2d, gamma=gamma(activation))
+            if ws
+            else partial(he_conv, gain=second_moment_gain(activation))
+        )
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.spp_expected_var = float(expected_var)
@@ -98,5 +99,5 @@ def nf_resnet(
         )
 
     model = ResNet(layers, make_block, stem, Activation(activation), width=width, num_classes=num_classes)
-    model.spp_stem_expected_var = 1.0
+    model.spp_stem_expected_var = 1.0  # type: ignore[assignment]  # nn.Module's __setattr__ stubs expect tensors
     return model

@@ -45,7 +45,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential()
         self.stem.add_module("conv", stem_conv)
         self.stem.add_module("pool", nn.MaxPool2d(3, stride=2, padding=1))
-        in_ch = stem_conv.out_channels
+        in_ch = int(stem_conv.out_channels)  # type: ignore[arg-type]
         stages = []
         for depth, channels, stride in zip(self.layers, STAGE_CHANNELS, STAGE_STRIDES, strict=False):
             out_ch = scaled(channels, width)

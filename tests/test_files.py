@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 import spp
 from spp.cli import app
 from spp.errors import SppError
-from spp.io import RECORD_SUFFIXES, float_token, load_record, parse_float, sidecar
-from spp.outputs import write_table
-from spp.record import COLUMNS, FORMAT_VERSION, Record
-from spp.run import RunConfig, record_model
+from spp.files import RECORD_SUFFIXES, float_token, load_record, parse_float, save_record, sidecar, write_table
+from spp.records import Record
+from spp.run import RunConfig, record_run
+from spp.schema import FORMAT_VERSION, NAMES
 
 TINY = ["--width", "0.0625", "--resolution", "32", "--batch-size", "2"]
 FORMATS = [s.lstrip(".") for s in RECORD_SUFFIXES]
@@ -48,7 +48,7 @@ def bits(value):
 
 @pytest.fixture(scope="module")
 def real_record() -> Record:
-    return record_model(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
+    return record_run(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
                                   batch_size=2))
 
 
@@ -68,16 +68,16 @@ def record(real_record) -> Record:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_is_bit_exact(tmp_path, record, fmt):
     path = tmp_path / f"rec.{fmt}"
-    assert record.save(path) == path
+    assert save_record(record, path) == path
     loaded = spp.load_record(path)
     assert bits(loaded.rows) == bits(record.rows)
     assert loaded.stage_ends == record.stage_ends == [3, 7, 13, 16]
     assert bits(loaded.settings) == bits(record.settings)
     assert loaded.version == FORMAT_VERSION
-    assert list(loaded.rows[0]) == list(COLUMNS)
+    assert list(loaded.rows[0]) == list(NAMES)
     # Saving what was loaded writes the same bytes (text formats) or the same record again (binary ones).
     again = tmp_path / f"again.{fmt}"
-    loaded.save(again)
+    save_record(loaded, again)
     if fmt in ("json", "csv"):
         assert again.read_bytes() == path.read_bytes()
     assert bits(load_record(again).rows) == bits(record.rows)
@@ -94,7 +94,7 @@ def test_float_tokens_name_exact_bits():
 
 def test_pt_holds_plain_data_for_weights_only_load(tmp_path, record):
     path = tmp_path / "rec.pt"
-    record.save(path)
+    save_record(record, path)
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "spp-record" and raw["version"] == FORMAT_VERSION
     assert raw["data"]["avg_var"].dtype == torch.float64
@@ -105,11 +105,11 @@ def test_pt_holds_plain_data_for_weights_only_load(tmp_path, record):
 
 
 def test_csv_and_parquet_read_as_plain_tables(tmp_path, record):
-    record.save(tmp_path / "rec.csv")
-    record.save(tmp_path / "rec.parquet")
+    save_record(record, tmp_path / "rec.csv")
+    save_record(record, tmp_path / "rec.parquet")
     assert json.loads(sidecar(tmp_path / "rec.csv").read_text())["stage_ends"] == [3, 7, 13, 16]
     for df in (pd.read_csv(tmp_path / "rec.csv"), pd.read_parquet(tmp_path / "rec.parquet")):
-        assert list(df.columns) == list(COLUMNS)
+        assert list(df.columns) == list(NAMES)
         assert df["avg_sq_mean"].tolist() == [r["avg_sq_mean"] for r in record.rows]
         assert df["avg_var"].dtype == "float64"
         assert df["avg_var"].isna().tolist()[:4] == [False, True, True, False]
@@ -154,7 +154,7 @@ def _bump_version(path: pathlib.Path, fmt: str, version: int) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_newer_format_asks_for_upgrade(tmp_path, real_record, fmt):
     path = tmp_path / f"new.{fmt}"
-    real_record.save(path)
+    save_record(real_record, path)
     _bump_version(path, fmt, FORMAT_VERSION + 1)
     with pytest.raises(SppError) as err:
         load_record(path)
@@ -242,10 +242,10 @@ def test_malicious_pickle_runs_nothing(tmp_path, payload, writer):
 
 def test_save_checks_suffix_and_plain_settings(tmp_path, real_record):
     with pytest.raises(SppError, match=r"unknown suffix '\.txt'; use one of \.pt, \.json, \.parquet, \.csv"):
-        real_record.save(tmp_path / "rec.txt")
+        save_record(real_record, tmp_path / "rec.txt")
     bad = Record(rows=real_record.rows, stage_ends=real_record.stage_ends, settings={"device": torch.device("cpu")})
     with pytest.raises(SppError, match=r"settings\['device'\] is a device"):
-        bad.save(tmp_path / "rec.json")
+        save_record(bad, tmp_path / "rec.json")
     assert not list(tmp_path.iterdir())
 
 
@@ -256,7 +256,7 @@ def test_cli_record_equals_a_direct_recording(tmp_path):
                                       str(out), *TINY])
     assert result.exit_code == 0, result.output
     loaded = load_record(out)
-    direct = record_model(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625, "ws": False},
+    direct = record_run(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625, "ws": False},
                                     resolution=32, batch_size=2, seed=3))
     assert bits(loaded.rows) == bits(direct.rows)
     assert loaded.stage_ends == direct.stage_ends

@@ -11,16 +11,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from spp.cli import app
-from spp.compare import compare_records, default_x, log_ratio
+from spp.comparison import compare_records, default_x, log_ratio
 from spp.errors import SppError
-from spp.record import Record
-from spp.run import RunConfig, record_model
+from spp.files import save_record
+from spp.records import Record
+from spp.run import RunConfig, record_run
 
 TINY = ["--width", "0.0625", "--resolution", "32", "--batch-size", "2"]
 
 
 def _record(model: str, label: str, **kwargs) -> Record:
-    rec = record_model(RunConfig(model=model, model_kwargs={"width": 0.0625, **kwargs}, resolution=32,
+    rec = record_run(RunConfig(model=model, model_kwargs={"width": 0.0625, **kwargs}, resolution=32,
                                  batch_size=2))
     rec.settings["label"] = label
     return rec
@@ -152,9 +153,9 @@ def test_cli_model_spec_equals_its_record_file(tmp_path):
 
 
 def test_cli_compare_files_figure_and_table(tmp_path, ws, no_ws, deep):
-    ws.save(tmp_path / "a.pt")
-    no_ws.save(tmp_path / "b.json")
-    deep.save(tmp_path / "c.parquet")
+    save_record(ws, tmp_path / "a.pt")
+    save_record(no_ws, tmp_path / "b.json")
+    save_record(deep, tmp_path / "c.parquet")
     fig, table = tmp_path / "cmp.png", tmp_path / "cmp.csv"
     result = run("compare", str(tmp_path / "a.pt"), str(tmp_path / "b.json"), "--label", "WS", "--label", "noWS",
                  "--out", str(fig), "--table", str(table))
@@ -175,7 +176,7 @@ def test_cli_compare_files_figure_and_table(tmp_path, ws, no_ws, deep):
 
 
 def test_cli_compare_warns_on_different_settings(tmp_path, ws):
-    ws.save(tmp_path / "a.pt")
+    save_record(ws, tmp_path / "a.pt")
     result = run("compare", str(tmp_path / "a.pt"), "nf_resnet50", *TINY, "--mode", "eval")
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
@@ -183,8 +184,8 @@ def test_cli_compare_warns_on_different_settings(tmp_path, ws):
 
 
 def test_cli_compare_errors_are_one_line(tmp_path, ws):
-    ws.save(tmp_path / "a.pt")
-    Record(rows=[dict(ws.rows[0])], stage_ends=[], settings={"label": "s"}).save(tmp_path / "stem.json")
+    save_record(ws, tmp_path / "a.pt")
+    save_record(Record(rows=[dict(ws.rows[0])], stage_ends=[], settings={"label": "s"}), tmp_path / "stem.json")
     a = str(tmp_path / "a.pt")
     cases = {
         ("compare", a, str(tmp_path / "missing.pt")): "does not exist",

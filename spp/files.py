@@ -1,4 +1,9 @@
-"""Record files: save and load a Record as ``.pt``, ``.json``, ``.parquet`` or ``.csv``, chosen by suffix.
+"""Every file spp writes or reads back: output checks, atomic writes, tables, and Record files.
+
+Outputs are checked (suffix, folder, writability) before any work starts and written atomically after it ends: a
+temporary file beside the target, renamed over it only when complete.
+
+A Record saves and loads as ``.pt``, ``.json``, ``.parquet`` or ``.csv``, chosen by suffix.
 
 Every format round-trips exactly: floats bit for bit (NaN sign and payload, -0.0, subnormals included), ints,
 strings, the stage ends, the settings and the format version.
@@ -20,20 +25,71 @@ dicts with str keys); tuples are saved as lists.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import re
 import struct
+import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from spp.errors import SppError
-from spp.outputs import atomic_path, check_output
-from spp.record import COLUMNS, FORMAT_VERSION, Record
+from spp.errors import SppError, one_line
+from spp.records import Record
+from spp.schema import BY_NAME, COLUMNS, FORMAT_VERSION, NAMES, with_defaults
+
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+TABLE_SUFFIXES = (".csv", ".parquet", ".json")
+
+
+# ---- outputs: checked before the work, written atomically after it ------------------------------------------
+def check_output(path: str, suffixes: Sequence[str], what: str) -> Path:
+    """Fail early, before minutes of recording, on an unknown suffix or an unwritable place."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise SppError(f"{what} {path!r}: unknown suffix {p.suffix or '(none)'!r}; use one of {', '.join(suffixes)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise SppError(f"{what} {path!r}: folder {str(parent)!r} does not exist")
+    if p.is_dir():
+        raise SppError(f"{what} {path!r} is a folder")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise SppError(f"{what} {path!r} is not writable")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_table(df: Any, path: str) -> None:
+    """A DataFrame to CSV / Parquet / JSON (records orient) by suffix, atomically."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise SppError(f"table {path!r}: unknown suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
+    with atomic_path(path) as tmp:
+        if suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        elif suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_json(tmp, orient="records", indent=1, double_precision=15)
 
 RECORD_SUFFIXES = (".pt", ".json", ".parquet", ".csv")
 FORMAT_NAME = "spp-record"
@@ -116,17 +172,28 @@ def _kind(v: Any) -> str:
 
 
 def _columns(rec: Record) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Plain rows, and each column's one type (float, int, bool or str): COLUMNS first, then any extra."""
+    """Plain rows, and each column's one type: the schema's for its columns (in its order), then any extra column
+    with the one type (float, int, bool or str) its values have."""
     rows = [{k: _plain(v, f"row {i} {k!r}") for k, v in row.items()} for i, row in enumerate(rec.rows)]
-    names = list(COLUMNS)
+    names = list(NAMES)
     for row in rows:
         names += [k for k in row if k not in names]
-    types = {}
+    types: dict[str, str] = {}
     for col in names:
         missing = [i for i, row in enumerate(rows) if col not in row]
         if missing:
             raise SppError(f"cannot save the record: row {missing[0]} has no {col!r}")
         kinds = {_kind(row[col]) for row in rows}
+        if col in BY_NAME:
+            want = BY_NAME[col].kind
+            if not kinds <= ({want, "int"} if want == "float" else {want}):
+                raise SppError(f"cannot save the record: column {col!r} holds {', '.join(sorted(kinds))}, "
+                               f"not {want}")
+            if want == "float":
+                for row in rows:
+                    row[col] = float(row[col])
+            types[col] = want
+            continue
         if len(kinds) > 1 or not kinds <= {"bool", "int", "float", "str"}:
             raise SppError(f"cannot save the record: column {col!r} holds {', '.join(sorted(kinds))}; "
                            "each column must hold one of float, int, bool, str")
@@ -258,11 +325,11 @@ def load_record(path: str | os.PathLike) -> Record:
     except SppError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, struct.error) as exc:
-        raise SppError(f"record {name} is damaged: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise SppError(f"record {name} is damaged: {one_line(exc)}") from None
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    return one_line(exc, with_type=False)
 
 
 def _check_header(doc: dict[str, Any], name: str) -> None:
@@ -272,7 +339,8 @@ def _check_header(doc: dict[str, Any], name: str) -> None:
     if version > FORMAT_VERSION:
         raise SppError(f"record {name} was written by a newer spp (format {version}, this spp reads up to "
                        f"{FORMAT_VERSION}); upgrade spp")
-    missing = [c for c in COLUMNS if c not in doc.get("types", {})]
+    types = doc.get("types", {})
+    missing = [c.name for c in COLUMNS if c.name not in types and c.default is None]
     if missing:
         raise SppError(f"record {name} is damaged: it lacks the columns {', '.join(missing)}")
 
@@ -293,7 +361,7 @@ def _record(doc: dict[str, Any], columns: dict[str, list[Any]], settings: dict[s
     if len(lengths) > 1:
         raise ValueError("columns of different lengths")
     n = lengths.pop() if lengths else 0
-    rows = [{c: columns[c][i] for c in names} for i in range(n)]
+    rows = [with_defaults({c: columns[c][i] for c in names}) for i in range(n)]
     return Record(rows=rows, stage_ends=[int(e) for e in doc["stage_ends"]], settings=settings,
                   version=int(doc["version"]))
 
@@ -416,10 +484,6 @@ def _load_csv(p: Path, name: str) -> Record:
     return _record(doc, columns, _untag_floats(doc.get("settings") or {}))
 
 
-_FLOAT_COLUMNS = ("avg_sq_mean", "avg_var", "res_avg_var", "expected_var")
-_INT_COLUMNS = ("block", "stage", "channels", "count", "nonfinite")
-
-
 def _from_plain_table(data: Any, name: str) -> Record:
     """A table from ``spp plot --table``: SPP columns, no settings; stage ends from the ``stage`` column."""
     import pandas as pd
@@ -433,18 +497,23 @@ def _from_plain_table(data: Any, name: str) -> Record:
         cols = ", ".join(map(str, list(df.columns)[:6])) + (", ..." if len(df.columns) > 6 else "")
         raise NotARecord(name, f"{kind} without the SPP columns ({', '.join(missing)} missing; "
                                f"it has {cols or 'no columns'})")
-    defaults: dict[str, Any] = {"expected_var": float("nan"), "channels": 0, "count": 0, "nonfinite": 0}
+    fallback = {"float": math.nan, "int": 0, "str": ""}
     rows = []
     for raw in df.to_dict("records"):
         row: dict[str, Any] = {}
         for c in COLUMNS:
-            v = raw.get(c, defaults.get(c, ""))
-            if c in _FLOAT_COLUMNS:
-                row[c] = float("nan") if v is None else float(v)
-            elif c in _INT_COLUMNS:
-                row[c] = int(v)
+            if c.name in raw:
+                v = raw[c.name]
+            elif c.default is not None:
+                v = c.default(raw) if callable(c.default) else c.default
             else:
-                row[c] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                v = fallback[c.kind]
+            if c.kind == "float":
+                row[c.name] = math.nan if v is None else float(v)
+            elif c.kind == "int":
+                row[c.name] = int(v)
+            else:
+                row[c.name] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
         rows.append(row)
     ends = [i for i in range(1, len(rows)) if i + 1 == len(rows) or rows[i + 1]["stage"] != rows[i]["stage"]]
     settings = {"label": Path(name).stem, "loaded_from": "plain table"}

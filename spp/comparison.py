@@ -25,13 +25,28 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from spp.errors import SppError
-from spp.record import Record
+from spp.records import Record
+from spp.schema import STATISTICS
 
-STATS = ("avg_sq_mean", "avg_var", "res_avg_var")
+STATS = STATISTICS
 # Settings that change what the statistics mean: listed in a warning when records disagree on them.
 INPUT_SETTINGS = ("input", "input_shape", "resolution", "input_std", "mode", "batch_size", "num_samples",
                   "seed")
 Align = Literal["auto", "name", "relative"]
+ALIGNMENTS = ("auto", "name", "relative")
+X_AXES = ("block", "relative")
+
+
+def check_align(how: object) -> None:
+    """``--align``: auto, name or relative."""
+    if how not in ALIGNMENTS:
+        raise SppError(f"--align must be auto, name or relative, not {how!r}")
+
+
+def check_x(x: object) -> None:
+    """``--x``: block or relative (None: chosen from the block counts)."""
+    if x is not None and x not in X_AXES:
+        raise SppError(f"--x must be block or relative, not {x!r}")
 TOP = 5
 
 
@@ -124,8 +139,7 @@ def align_positions(
     records: Sequence[Record], how: Align = "auto", labels: Sequence[str] | None = None
 ) -> tuple[str, list[int], list[list[Fraction]]]:
     """(kind, the first record's row indices kept, per record the fractional row index read at each)."""
-    if how not in ("auto", "name", "relative"):
-        raise SppError(f"--align must be auto, name or relative, not {how!r}")
+    check_align(how)
     labels = list(labels) if labels is not None else [r.label for r in records]
     for rec, label in zip(records, labels, strict=True):
         if not rec.rows:
