@@ -18,6 +18,8 @@ multi-head-attention fast path is switched off for the run, because it bypasses 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -87,6 +89,35 @@ def _version(t: torch.Tensor) -> int | None:
 _MISSING = object()
 
 
+class _Attributes:
+    """The plain Python attributes of modules whose forward is not torch's own; restored by identity."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.saved = [(m, dict(vars(m))) for m in modules if not _torch_own(m)]
+
+    def restore(self) -> None:
+        for m, before in self.saved:
+            now = vars(m)
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+@contextlib.contextmanager
+def untouched(module: nn.Module) -> Iterator[None]:
+    """Run code that may execute ``module``'s forward outside a recording (discovery traces it symbolically) and
+    put back every attribute and buffer it touched."""
+    modules = list(module.modules())
+    attributes, buffers = _Attributes(modules), _Buffers(modules)
+    try:
+        yield
+    finally:
+        attributes.restore()
+        buffers.restore()
+
+
 class ModelState:
     """Sets a model's mode for a recording and puts everything back after (see the module docstring)."""
 
@@ -94,13 +125,21 @@ class ModelState:
         self.model, self.mode, self.stochastic = model, check_mode(mode), bool(stochastic)
         self._saved: list[Any] | None = None
 
+    def __enter__(self) -> ModelState:
+        self.apply()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
     def apply(self) -> None:
+        """Save what the run may change, then set the mode."""
         if self.mode is None:
             return
         modules = list(self.model.modules())
         flags = [(m, m.training) for m in modules]
         tracking = [(m, m.track_running_stats) for m in modules if isinstance(m, _NORM_BASE)]
-        attributes = [(m, dict(vars(m))) for m in modules if not _torch_own(m)]
+        attributes = _Attributes(modules)
         buffers = _Buffers(modules)
         fastpath = _mha_fastpath(False)
         self._saved = [flags, tracking, attributes, buffers, fastpath]
@@ -112,6 +151,7 @@ class ModelState:
                 m.track_running_stats = False
 
     def restore(self) -> None:
+        """Put back everything ``apply`` saved (a no-op when nothing was saved)."""
         if self._saved is None:
             return
         flags, tracking, attributes, buffers, fastpath = self._saved
@@ -119,13 +159,7 @@ class ModelState:
         _mha_fastpath(fastpath)
         for m, track in tracking:
             m.track_running_stats = track
-        for m, before in attributes:
-            now = vars(m)
-            for key in [k for k in now if k not in before]:
-                del now[key]
-            for key, value in before.items():
-                if now.get(key, _MISSING) is not value:
-                    now[key] = value
+        attributes.restore()
         buffers.restore()
         for m, training in flags:
             m.training = training

@@ -18,7 +18,7 @@ from spp.discovery import find_taps
 from spp.errors import SppError
 from spp.loading import IMAGENET_CONFIG, load_checkpoint, load_model, parse_kwargs
 from spp.taps import Site
-from tests.helpers_families import Chain, PreActToy, one_thread  # noqa: F401  (autouse fixture)
+from tests.toys import Chain, PreActToy
 
 FACTORY_FILE = textwrap.dedent(
     """

@@ -13,7 +13,7 @@ from spp.errors import SppError
 from spp.models import DEPTHS, create_model, list_models, nearest_depth
 from spp.models.activations import gamma, second_moment_gain
 from spp.models.layers import ScaledStdConv2d
-from tests.direct import assert_close
+from tests.helpers import assert_close
 
 ALPHA = 0.2
 

@@ -28,6 +28,7 @@ from collections import Counter
 import torch
 from torch import fx, nn
 
+from spp.modelstate import untouched
 from spp.rules.common import make_tap, rel
 from spp.taps import Difference, Site, Tap
 
@@ -83,7 +84,8 @@ def _graph_of(module: nn.Module) -> fx.Graph | None:
         p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty and p.kind != p.VAR_KEYWORD
     }
     try:
-        with warnings.catch_warnings():
+        # Tracing runs the forward's Python code (a counter, a cache): put back whatever it touched.
+        with warnings.catch_warnings(), untouched(module):
             warnings.simplefilter("ignore")
             return _OneLevelTracer().trace(module, concrete_args=concrete or None)
     except Exception:  # failing to trace only means "not provably residual"

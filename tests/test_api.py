@@ -1,4 +1,4 @@
-"""The notebook API: light imports, spp.plot / render.draw figures, HTML, and SignalRecorder in a loop."""
+"""The public API: what `import spp` loads and exposes, and the recorder inside a training loop."""
 
 from __future__ import annotations
 
@@ -7,22 +7,16 @@ import json
 import subprocess
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pytest
 import torch
-from matplotlib.figure import Figure
 
 import spp
 import spp.hooks
 from spp.discovery import find_taps
-from spp.errors import SppError
 from spp.models import create_model
 from spp.records import Record
 from spp.run import RunConfig, record_run
-from tests.direct import capture, direct_stats
+from tests.helpers import capture_outputs, direct_stats
 
 
 def _loaded_after(code: str, *flags: str) -> tuple[list[str], str]:
@@ -33,6 +27,7 @@ def _loaded_after(code: str, *flags: str) -> tuple[list[str], str]:
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
+
 def test_imports_stay_light():
     assert _loaded_after("import spp")[0] == []
     loaded, importtime = _loaded_after("import spp.hooks; from spp import hooks; import spp.files, spp.comparison; "
@@ -41,13 +36,25 @@ def test_imports_stay_light():
     assert "spp.hooks" in importtime and "matplotlib" not in importtime
 
 
-def test_lazy_names():
+
+PUBLIC = ["DEFAULT_RULES", "Record", "Rule", "SignalRecorder", "Site", "SppError", "Tap", "__version__", "compare",
+          "find_taps", "load_record", "plot", "record", "save_record"]
+
+
+def test_public_surface_is_small_and_lazy():
+    """`import spp` exposes the API and nothing else (no typing helpers, no submodule on demand)."""
+    from spp.comparison import compare_records
     from spp.files import load_record
 
-    assert spp.load_record is load_record
-    assert spp.render.draw is not None and "load_record" in dir(spp)
+    assert dir(spp) == PUBLIC
+    assert spp.load_record is load_record and spp.compare is compare_records and spp.record is spp.hooks.record
+    for name in PUBLIC:
+        assert name == "__version__" or getattr(spp, name).__doc__, f"spp.{name} has no docstring"
+    out = subprocess.run([sys.executable, "-c", "import spp; spp.cli"], capture_output=True, text=True)
+    assert out.returncode != 0 and "has no attribute 'cli'" in out.stderr  # no submodule imported behind a name
     with pytest.raises(AttributeError):
         spp.no_such_thing  # noqa: B018
+
 
 
 @pytest.fixture(scope="module")
@@ -59,47 +66,11 @@ def recs() -> list[Record]:
     return [a, b]
 
 
-def test_record_plot_draws_the_numbers(recs):
-    rec = recs[0]
-    fig = spp.plot(rec)
-    assert isinstance(fig, Figure) and len(fig.axes) == 3
-    for ax, stat in zip(fig.axes, ("avg_sq_mean", "avg_var", "res_avg_var"), strict=True):
-        ys = [float(v) for v in ax.lines[0].get_ydata()]
-        assert ys[1:] == rec.column(stat)[1:]
-        assert [float(v) for v in ax.lines[0].get_xdata()] == list(range(17))
-    plt.close(fig)
-
-    fig = spp.plot(rec, references=[recs[1]], labels=["mine"])
-    ax = fig.axes[1]
-    assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")][:1] == ["bn_relu_resnet50"]
-    assert [float(v) for v in next(line for line in ax.lines if line.get_label() == "mine").get_ydata()] == \
-        rec.column("avg_var")
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3)
-    assert spp.plot(rec, axes=axes, x="relative") is fig
-    assert float(axes[1].lines[0].get_xdata()[-1]) == 1.0
-    with pytest.raises(SppError, match="need 3 matplotlib Axes"):
-        spp.plot(rec, axes=axes[0])
-    plt.close(fig)
-
-
-def test_render_plot_draws_several_with_stage_ends(recs):
-    fig = spp.render.draw(recs, labels=["NF", "BN"])
-    ax = fig.axes[1]
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == ["NF", "BN"]
-    curves = [line for line in ax.lines if line.get_label() in ("NF", "BN")]
-    assert len({line.get_color() for line in curves}) == 2
-    verticals = [line for line in ax.lines if list(line.get_xdata()) == [line.get_xdata()[0]] * 2
-                 and line.get_linestyle() == ":"]
-    assert sorted(float(v.get_xdata()[0]) for v in verticals) == [3.0, 3.0, 7.0, 7.0, 13.0, 13.0]
-    plt.close(fig)
-
 
 def test_repr_html_is_a_compact_table(recs):
     html = recs[0]._repr_html_()
     assert html.count("<tr") == 1 + 17 and "stage ends [3, 7, 13, 16]" in html
+
 
 
 def test_signal_recorder_snapshot_and_reset_in_a_training_loop():
@@ -131,7 +102,7 @@ def test_signal_recorder_snapshot_and_reset_in_a_training_loop():
     taps = find_taps(model)[1:]
     outputs = [t.output.module for t in taps]
     branches = [t.residual.module for t in taps]
-    seen = [capture(m, outputs + branches, [x]) for m, x in zip(before, xs, strict=True)]
+    seen = [capture_outputs(m, outputs + branches, [x]) for m, x in zip(before, xs, strict=True)]
     for k, tap in enumerate(taps, start=1):
         both = torch.cat([seen[0][tap.output.module][0], seen[1][tap.output.module][0]])
         sq, var = direct_stats(both)
@@ -154,3 +125,4 @@ def test_signal_recorder_snapshot_and_reset_in_a_training_loop():
     fresh = spp.hooks.record(before[2], xs[2], mode="train")
     assert [r["avg_var"] for r in one.rows] == [r["avg_var"] for r in fresh.rows]
     assert [r["res_avg_var"] for r in one.rows[1:]] == [r["res_avg_var"] for r in fresh.rows[1:]]
+

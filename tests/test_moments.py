@@ -1,28 +1,22 @@
-"""--device / --dtype, and the statistics kernels on every layout and dtype they take a fast path for.
-
-The kernels (``spp.moments.channel_stats``) choose their reductions by shape; every path must equal a float64
-direct computation (ddof 0), and k micro-batches must equal one shot. CUDA tests run only where CUDA is.
+"""The statistics kernels and the Chan merge: every path equals a float64 computation (ddof 0) on every layout
+and dtype, k micro-batches equal one shot, and the fast path's guard refuses what would cancel.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-import spp.hooks
-import spp.moments
-from spp.cli import app
-from spp.devices import resolve_device, resolve_dtype
-from spp.errors import SppError
-from spp.loading import LoadedModel
-from spp.models import create_model
 from spp.moments import ChannelMoments, Sums, Workspace, channel_stats, channel_sums, merge_many, summarize
-from spp.run import RunConfig, record_run
+from tests.helpers import assert_close, direct_stats
 
 CUDA = torch.cuda.is_available()
+
 MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
 
 
 def direct(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,31 +193,6 @@ def test_channel_sums_precision_at_the_guards_limit(shape):
     assert abs(var.mean() - ref_var.mean()) / ref_var.mean() < 1e-6  # the average spp reports
 
 
-def test_recorder_fast_path_equals_exact_path(monkeypatch):
-    """The recorder's statistics with the fast path on equal those with it off (all exact) to 1e-6, and both
-    paths ran: NF blocks are centred (fast), the ws=False ablation is mean-shifted (refused, exact)."""
-    took = {"fast": 0, "refused": 0}
-    real = spp.moments.channel_sums
-
-    def counting(x, axis, ws):
-        out = real(x, axis, ws)
-        took["fast" if out is not None else "refused"] += 1
-        return out
-
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    for ws in (True, False):
-        torch.manual_seed(0)
-        model = create_model("nf_resnet50", width=0.125, ws=ws)
-        monkeypatch.setattr(spp.moments, "channel_sums", counting)
-        fast = spp.hooks.record(model, x.split(2))
-        monkeypatch.setattr(spp.moments, "channel_sums", lambda x, axis, ws: None)
-        exact = spp.hooks.record(model, x.split(2))
-        for a, b in zip(fast.rows, exact.rows, strict=True):
-            for key in ("avg_sq_mean", "avg_var", "res_avg_var"):
-                assert a[key] == pytest.approx(b[key], rel=1e-6, nan_ok=True), (a["name"], key)
-    assert took["fast"] > 0 and took["refused"] > 0
-
-
 def test_merge_many_mixes_sums_and_exact_moments():
     g = torch.Generator().manual_seed(6)
     merged, sequential, items = ChannelMoments(), ChannelMoments(), []
@@ -253,94 +222,6 @@ def test_merge_copies_and_leaves_the_source_alone():
     assert torch.equal(before[0], m.mean) and torch.equal(before[1], m.m2)  # the copy's update left m alone
 
 
-def test_recorder_under_inference_mode_then_normal_mode():
-    torch.manual_seed(0)
-    model = create_model("nf_resnet50", width=0.125)
-    x = torch.randn(2, 3, 32, 32)
-    with spp.hooks.SignalRecorder(model, mode="eval") as rec:
-        with torch.inference_mode():
-            model(x)
-        with torch.no_grad():
-            model(x)
-    one = spp.hooks.record(model, x, mode="eval")
-    assert rec.snapshot().rows[-1]["avg_var"] == pytest.approx(one.rows[-1]["avg_var"], rel=1e-6)
-
-
-def test_recorder_adds_no_autograd_graph():
-    torch.manual_seed(0)
-    model = create_model("nf_resnet50", width=0.125)
-    x = torch.randn(2, 3, 32, 32)
-    with spp.hooks.SignalRecorder(model, mode="eval") as rec:
-        model(x).sum().backward()  # a training step with the recorder open
-    for out, res in rec.moments():
-        for m in (out, res):
-            assert m.mean is None or (not m.mean.requires_grad and m.mean.grad_fn is None)
-
-
-# ---- --device -----------------------------------------------------------------------------------------------------
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(" CPU ") == torch.device("cpu")
-    auto = resolve_device("auto")
-    assert auto.type == ("cuda" if CUDA else "mps" if MPS else "cpu")
-    for bad in ("gpu", "cuda:x", "tpu"):
-        with pytest.raises(SppError, match="--device"):
-            resolve_device(bad)
-
-
-@pytest.mark.skipif(CUDA, reason="CUDA is available here")
-def test_unavailable_cuda_is_one_line_error():
-    with pytest.raises(SppError, match=r"--device cuda: .*use --device cpu"):
-        resolve_device("cuda")
-    result = CliRunner().invoke(app, ["record", "--model", "nf_resnet50", "--width", "0.125", "--device", "cuda",
-                                      "--out", "x.json"])
-    assert result.exit_code == 2
-    assert "error:" in result.output and "Traceback" not in result.output
-
-
-def test_too_high_cuda_index_or_missing_mps():
-    with pytest.raises(SppError, match="--device"):
-        resolve_device(f"cuda:{torch.cuda.device_count() + 3}")
-    if not MPS:
-        with pytest.raises(SppError, match="MPS"):
-            resolve_device("mps")
-
-
-# ---- --dtype ------------------------------------------------------------------------------------------------------
-def test_resolve_dtype():
-    assert resolve_dtype("float32") is None
-    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("bf16") is torch.bfloat16
-    assert resolve_dtype("float16") is torch.float16
-    with pytest.raises(SppError, match="--dtype must be one of float32, bfloat16, float16"):
-        resolve_dtype("int8")
-
-
-def test_bfloat16_forward_on_cpu_keeps_float32_statistics():
-    cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, batch_size=4)
-    full = record_run(cfg)
-    low = record_run(RunConfig(**{**cfg.__dict__, "dtype": "bfloat16"}))
-    assert [r["count"] for r in low.rows] == [r["count"] for r in full.rows]
-    for a, b in zip(full.rows[1:], low.rows[1:], strict=True):
-        assert b["avg_var"] == pytest.approx(a["avg_var"], rel=0.1)  # bf16 rounding, not a different model
-    assert any(a["avg_var"] != b["avg_var"] for a, b in zip(full.rows, low.rows, strict=True))  # autocast ran
-    assert low.settings["run"]["dtype"] == "bfloat16"
-
-
-def test_users_model_keeps_its_dtype_and_weights():
-    torch.manual_seed(0)
-    model = create_model("nf_resnet50", width=0.125)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = RunConfig(model="mine", resolution=32, batch_size=2, dtype="bfloat16")
-    record_run(cfg, loaded=LoadedModel(model, "mine", "file", "mine"))
-    after = model.state_dict()
-    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
-
-
-def test_cli_rejects_bad_dtype():
-    result = CliRunner().invoke(app, ["record", "--model", "nf_resnet50", "--dtype", "int8", "--out", "x.json"])
-    assert result.exit_code == 2 and "--dtype" in result.output
-
-
 # ---- CUDA (skipped without a GPU) -----------------------------------------------------------------------------
 @needs_cuda
 def test_cuda_channel_stats_equal_float64():
@@ -350,76 +231,41 @@ def test_cuda_channel_stats_equal_float64():
     check(shifted((4, 8, 6, 6), dtype=torch.bfloat16).cuda(), 1)
 
 
-@needs_cuda
-def test_cuda_record_equals_cpu_record():
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, batch_size=4,
-                    num_samples=8)
-    cpu = record_run(cfg)
-    gpu = record_run(RunConfig(**{**cfg.__dict__, "device": "cuda"}))
-    for a, b in zip(cpu.rows[1:], gpu.rows[1:], strict=True):
-        assert b["avg_var"] == pytest.approx(a["avg_var"], rel=1e-4)
-        assert b["res_avg_var"] == pytest.approx(a["res_avg_var"], rel=1e-4)
-    half = record_run(RunConfig(**{**cfg.__dict__, "device": "cuda", "dtype": "bfloat16"}))
-    assert all(r["nonfinite"] == 0 for r in half.rows)
+
+# ---- moments --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,dim", [((6, 5, 7, 3), 1), ((4, 9, 5), 2), ((10, 3), 1), ((4, 3, 4, 5, 6), 1)])
+def test_moments_streamed_equal_one_shot_and_direct(shape, dim):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * 3 + 5  # a large mean: the case where naive sum-of-squares cancels
+    one = ChannelMoments()
+    one.update(x, dim)
+    streamed = ChannelMoments()
+    for part in x.split([1, 2, x.shape[0] - 3]):
+        streamed.update(part, dim)
+    a, b = one.summary(), streamed.summary()
+    assert a.count == b.count == x.numel() // x.shape[dim]
+    assert_close(b.avg_var, a.avg_var, 1e-6, "var")
+    assert_close(b.avg_sq_mean, a.avg_sq_mean, 1e-6, "sq mean")
+    sq, var = direct_stats(x, dim)
+    assert_close(a.avg_var, var, 1e-5, "var vs direct")
+    assert_close(a.avg_sq_mean, sq, 1e-6, "sq mean vs direct")
 
 
-@needs_cuda
-def test_cuda_recorder_syncs_only_at_snapshot():
-    torch.manual_seed(0)
-    model = create_model("nf_resnet50", width=0.125).cuda()
-    x = torch.randn(4, 3, 32, 32, device="cuda")
-    with spp.hooks.SignalRecorder(model, mode="eval") as rec, torch.no_grad():
-        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the hooks raises
-        try:
-            model(x)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert rec.snapshot().rows[-1]["count"] == 4
+def test_moments_merge_equals_update_over_both():
+    x, y = torch.randn(5, 4, 3, 3), torch.randn(7, 4, 3, 3) + 2
+    left, right, both = ChannelMoments(), ChannelMoments(), ChannelMoments()
+    left.update(x)
+    right.update(y)
+    left.merge(right)
+    both.update(torch.cat([x, y]))
+    assert_close(left.summary().avg_var, both.summary().avg_var, 1e-6)
+    assert torch.allclose(left.mean, both.mean, rtol=1e-6, atol=1e-7)
 
 
-# ---- activation checkpointing: a recompute in backward is not a new batch ------------------------------------------
-class _Block(torch.nn.Module):
-    spp_residual = "conv"
+def test_moments_report_nonfinite_channels():
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("inf")
+    m = ChannelMoments()
+    m.update(x)
+    assert m.summary().nonfinite_channels == 1
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv(torch.relu(x))
-
-
-class _Checkpointed(torch.nn.Module):
-    def __init__(self, reentrant: bool | None) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 4, 1)
-        self.blocks = torch.nn.Sequential(*[_Block() for _ in range(3)])
-        self.reentrant = reentrant
-
-    def forward(self, x):
-        from torch.utils.checkpoint import checkpoint
-
-        x = self.stem(x)
-        for b in self.blocks:
-            x = b(x) if self.reentrant is None else checkpoint(b, x, use_reentrant=self.reentrant)
-        return x
-
-
-@pytest.mark.parametrize("reentrant", [True, False])
-def test_activation_checkpointing_counts_each_block_once(reentrant):
-    torch.manual_seed(0)
-    plain = _Checkpointed(None)
-    ckpt = _Checkpointed(reentrant)
-    ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
-    records = []
-    for model in (plain, ckpt):
-        with spp.hooks.SignalRecorder(model) as rec:
-            model(x).square().sum().backward()
-        records.append(rec.snapshot())
-    a, b = records
-    assert [r["count"] for r in b.rows] == [r["count"] for r in a.rows] == [128] * 4
-    assert b.settings["batches"] == a.settings["batches"] == 1
-    assert [r["avg_var"] for r in b.rows] == pytest.approx([r["avg_var"] for r in a.rows], rel=1e-6)

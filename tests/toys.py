@@ -1,103 +1,10 @@
-"""Shared by the family / loading tests: capture tap tensors with our own hooks, direct channel statistics,
-and toy blocks for the traced fallback. Kept out of conftest.py so other test modules are not affected."""
+"""Toy residual blocks, each a case the discovery rules (mostly the traced fallback) must claim or refuse."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from spp.taps import Difference, Site, Tap
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Import into a test module: tiny convs on a shared 2-core machine run faster on one thread (restored)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next(v for v in value if isinstance(v, torch.Tensor))
-    raise TypeError(type(value))
-
-
-def tap_sites(taps: Iterable[Tap]) -> set[Site]:
-    """Every site a tap reads, plus each block's input (to rebuild the shortcut)."""
-    sites: set[Site] = set()
-    for t in taps:
-        sites.add(t.output)
-        sites.add(Site(t.module, "input"))
-        if isinstance(t.residual, Site):
-            sites.add(t.residual)
-        elif isinstance(t.residual, Difference):
-            sites |= {t.residual.minuend, t.residual.subtrahend}
-    return sites
-
-
-@torch.no_grad()
-def capture(model: nn.Module, sites: Iterable[Site], *args, **kwargs) -> dict[Site, torch.Tensor]:
-    """Run ``model`` once and return a clone of the tensor at every site (clones: blocks add in place)."""
-    modules = dict(model.named_modules())
-    values: dict[Site, torch.Tensor] = {}
-    handles = []
-    for site in set(sites):
-        mod = modules[site.module]
-        if site.kind == "input":
-
-            def pre(m, a, kw, site=site):
-                values.setdefault(site, first_tensor(a if a else tuple(kw.values())).detach().clone())
-
-            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-
-            def post(m, a, out, site=site):
-                values.setdefault(site, first_tensor(out).detach().clone())
-
-            handles.append(mod.register_forward_hook(post))
-    try:
-        model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return values
-
-
-def residual_value(tap: Tap, values: dict[Site, torch.Tensor]) -> torch.Tensor:
-    if isinstance(tap.residual, Difference):
-        return values[tap.residual.minuend] - values[tap.residual.subtrahend]
-    return values[tap.residual]
-
-
-def channel_stats(x: torch.Tensor, axis: int) -> tuple[float, float]:
-    """(mean over channels of the squared channel mean, mean over channels of the population variance), float64."""
-    x = x.detach().to(torch.float64)
-    per_channel = x.movedim(axis % x.ndim, 0).reshape(x.shape[axis], -1)
-    mean = per_channel.mean(dim=1)
-    var = per_channel.var(dim=1, unbiased=False)
-    return float((mean * mean).mean()), float(var.mean())
-
-
-@torch.no_grad()
-def liven(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give zero or tiny parameters (zero-init gains, 1e-6 layer scales, skip-init gains, zero biases) random values
-    in [0.5, 1], so every branch contributes and a tap that reads the wrong tensor cannot hide behind a zero."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.numel() and float(p.abs().max()) < 1e-3:
-            p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.5)
-    return model
-
-
-# ---- toy blocks for the traced fallback ----------------------------------------------------------------------
 
 
 class PreActToy(nn.Module):

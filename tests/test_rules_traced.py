@@ -1,0 +1,195 @@
+"""The traced fallback: it claims a module only when the graph proves shortcut + branch, and reads the branch
+before its scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import spp.discovery as discovery
+from spp import hooks
+from spp.discovery import find_taps
+from spp.errors import SppError
+from spp.taps import Difference, Site
+from tests.helpers import capture_sites, direct_stats, residual_value, tap_sites
+from tests.toys import (
+    ActAfterFunctionalToy,
+    Chain,
+    FunctionalToy,
+    InplaceToy,
+    NamedShortcutToy,
+    NotResidualToy,
+    ParallelHeadsToy,
+    PooledShortcutToy,
+    PostActProjToy,
+    PreActToy,
+    ScaledToy,
+    TwoAddToy,
+    UntraceableToy,
+)
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def tv_model(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+
+
+def image(n: int = 2, size: int = 32, chans: int = 3) -> torch.Tensor:
+    return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def blocks(taps):
+    return taps[1:]
+
+
+def check_recorder_reads_the_same(model: nn.Module, taps, values, x) -> None:
+    """The recorder's statistics at every tap equal the direct ones on the tensors our own hooks captured."""
+    rec = hooks.record(model, x, mode="eval", taps=taps)
+    for tap, row in zip(taps, rec.rows, strict=True):
+        out = values[tap.output]
+        axis = tap.channel_dim if tap.channel_dim is not None else (-1 if out.ndim == 3 else 1)
+        _, var = direct_stats(out, axis)
+        assert math.isclose(row["avg_var"], var, rel_tol=1e-6), (tap.name, row["avg_var"], var)
+        if tap.residual is not None:
+            r = residual_value(tap, values)
+            axis = tap.channel_dim if tap.channel_dim is not None else (-1 if r.ndim == 3 else 1)
+            if getattr(tap, "residual_channel_dim", None) is not None:
+                axis = tap.residual_channel_dim  # e.g. ConvNeXt's channels-last mlp under an NCHW block
+            _, rvar = direct_stats(r, axis)
+            assert math.isclose(row["res_avg_var"], rvar, rel_tol=1e-5, abs_tol=1e-12), (tap.name, rvar)
+
+
+def verify(model: nn.Module, x: torch.Tensor, expect) -> list:
+    """For every tap, ``expect(tap, block, values)`` rebuilds the tensor at the tap's output site from its branch."""
+    taps = find_taps(model)
+    values = capture_sites(model, tap_sites(taps), x)
+    modules = dict(model.named_modules())
+    for tap in blocks(taps):
+        rebuilt = expect(tap, modules[tap.module], values)
+        torch.testing.assert_close(rebuilt, values[tap.output], msg=lambda m, t=tap: f"{t.name}: {m}")
+    check_recorder_reads_the_same(model, taps, values, x)
+    return taps
+
+
+
+@pytest.mark.parametrize(
+    ("block", "site", "label"),
+    [
+        (PreActToy(), "blocks.0.branch", "fallback (traced add): branch = branch"),
+        (PostActProjToy(), "blocks.0.bn", "fallback (traced add): branch = bn"),
+        (FunctionalToy(), None, "fallback (traced add): output - input (after its scaling)"),
+    ],
+)
+def test_fallback_on_conv_toys(block, site, label):
+    model = Chain(block).eval()
+    x = image(size=8, chans=4)
+    taps = find_taps(model)
+    assert len(taps) == 2 and taps[1].rule == label
+    tap = taps[1]
+    values = capture_sites(model, tap_sites(taps), x)
+    inp = values[Site("blocks.0", "input")]
+    if site is None:
+        assert tap.residual == Difference(Site("blocks.0"), Site("blocks.0", "input"))
+        expected_branch = 0.5 * F.relu(block.conv(inp))
+    else:
+        assert tap.residual == Site(site)
+        expected_branch = dict(model.named_modules())[site](
+            block.conv(inp) if isinstance(block, PostActProjToy) else inp
+        )
+    torch.testing.assert_close(residual_value(tap, values), expected_branch)
+    check_recorder_reads_the_same(model, taps, values, x)
+
+
+def test_fallback_named_shortcut_decides_between_equal_paths():
+    model = Chain(NamedShortcutToy()).eval()
+    taps = find_taps(model)
+    assert taps[1].residual == Site("blocks.0.stack") and taps[1].rule == "fallback (traced add): branch = stack"
+    x = image(size=8, chans=4)
+    values = capture_sites(model, tap_sites(taps), x)
+    torch.testing.assert_close(values[Site("blocks.0.stack")] + model.blocks[0].shortcut(x), values[taps[1].output])
+
+
+def test_difference_survives_an_in_place_add():
+    model = Chain(InplaceToy(), stem=nn.Conv2d(4, 4, 1)).eval()
+    taps = find_taps(model)
+    assert taps[1].residual == Difference(Site("blocks.0"), Site("blocks.0", "input"))
+    x = image(size=8, chans=4)
+    with torch.no_grad():
+        branch = 0.5 * F.relu(model.blocks[0].conv(model.stem(x)))
+    rec = hooks.record(model, x, mode="eval", taps=taps)
+    assert math.isclose(rec.rows[1]["res_avg_var"], direct_stats(branch, 1)[1], rel_tol=1e-5)
+
+
+def test_fallback_two_additions_on_tokens():
+    model = Chain(TwoAddToy(), TwoAddToy()).eval()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))
+    taps = find_taps(model)
+    assert [t.name for t in taps] == [
+        "stem",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+    ]
+    assert taps[1].output == Site("blocks.0.norm2", "input") and taps[2].output == Site("blocks.0")
+    assert all(t.channel_dim == -1 for t in taps) and taps[1].rule.endswith("channels last")
+    values = capture_sites(model, tap_sites(taps), x)
+    for tap in blocks(taps):
+        shortcut = Site(tap.module, "input") if tap.name.endswith("attn") else Site(f"{tap.module}.norm2", "input")
+        torch.testing.assert_close(values[shortcut] + values[tap.residual], values[tap.output])
+    check_recorder_reads_the_same(model, taps, values, x)
+
+
+def test_fallback_reads_the_branch_before_a_parameter_scale():
+    model = Chain(ScaledToy()).eval()
+    taps = find_taps(model)
+    assert taps[1].residual == Site("blocks.0.mlp") and "before its scaling" in taps[1].rule
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))  # 2-D (B, C)
+    values = capture_sites(model, tap_sites(taps), x)
+    torch.testing.assert_close(values[Site("blocks.0")], x + model.blocks[0].gamma * values[Site("blocks.0.mlp")])
+
+
+@pytest.mark.parametrize(
+    "toy", [NotResidualToy, UntraceableToy, ActAfterFunctionalToy, ParallelHeadsToy, PooledShortcutToy]
+)
+def test_fallback_claims_nothing_it_cannot_prove(toy):
+    model = Chain(toy(), toy()).eval()
+    with pytest.raises(SppError, match="no residual blocks found in Chain; name them with --blocks"):
+        find_taps(model)
+
+
+@pytest.mark.parametrize(("source", "name"), [("tv", "resnet18"), ("timm", "vit_tiny_patch16_224")])
+def test_fallback_agrees_with_the_family_rules(source, name):
+    """With the family rules switched off, the traced fallback finds the same blocks and the same sites."""
+    model = tv_model(name) if source == "tv" else timm_model(name, img_size=32, patch_size=8, depth=3)
+    specific = find_taps(model)
+    traced = find_taps(model, rules=[r for r in discovery.DEFAULT_RULES if r.name in ("spp", "fallback (traced add)")])
+    assert all(t.rule.startswith("fallback (traced add)") for t in blocks(traced))
+    assert [(t.module, t.output, t.residual, t.channel_dim) for t in traced] == [
+        (t.module, t.output, t.residual, t.channel_dim) for t in specific
+    ]
+
+
+def test_fallback_finds_blocks_of_unknown_families():
+    """torchvision MobileNetV2 has no family rule: its 10 residual InvertedResiduals are found by tracing."""
+    model = tv_model("mobilenet_v2")
+    taps = find_taps(model)
+    with_skip = [n for n, m in model.named_modules() if getattr(m, "use_res_connect", False)]
+    assert [t.module for t in blocks(taps)] == with_skip and len(with_skip) == 10
+    x = image()
+    values = capture_sites(model, tap_sites(taps), x)
+    for tap in blocks(taps):
+        torch.testing.assert_close(values[Site(tap.module, "input")] + values[tap.residual], values[tap.output])
+
