@@ -328,8 +328,6 @@ def load_record(path: str | os.PathLike) -> Record:
         raise SppError(f"record {name} is damaged: {one_line(exc)}") from None
 
 
-def _one_line(exc: BaseException) -> str:
-    return one_line(exc, with_type=False)
 
 
 def _check_header(doc: dict[str, Any], name: str) -> None:
@@ -411,7 +409,7 @@ def _load_pt(p: Path, name: str) -> Record:
         raise NotARecord(name, f"{what}; spp reads .pt files with weights_only=True and never runs pickled "
                                "code") from None
     except Exception as exc:  # torch raises KeyError, RuntimeError, EOFError, ... on files it cannot parse
-        raise NotARecord(name, f"no PyTorch file at all ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise NotARecord(name, f"no PyTorch file at all ({type(exc).__name__}: {one_line(exc, with_type=False)})") from None
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT_NAME):
         raise NotARecord(name, _describe_object(obj))
     _check_header(obj, name)
@@ -426,7 +424,7 @@ def _load_json(p: Path, name: str) -> Record:
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NotARecord(name, f"no JSON ({_one_line(exc)})") from None
+        raise NotARecord(name, f"no JSON ({one_line(exc, with_type=False)})") from None
     if isinstance(doc, list):
         return _from_plain_table(doc, name)
     if not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME):
@@ -445,7 +443,7 @@ def _load_parquet(p: Path, name: str) -> Record:
     try:
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as exc:
-        raise NotARecord(name, f"no Parquet file ({_one_line(exc)})") from None
+        raise NotARecord(name, f"no Parquet file ({one_line(exc, with_type=False)})") from None
     meta = (table.schema.metadata or {}).get(META_KEY)
     if meta is None:
         return _from_plain_table(table.to_pandas(), name)
@@ -463,12 +461,12 @@ def _load_csv(p: Path, name: str) -> Record:
         try:
             df = pd.read_csv(p)
         except (ValueError, UnicodeDecodeError) as exc:  # pandas' EmptyDataError, ParserError: ValueErrors
-            raise NotARecord(name, f"no CSV table ({_one_line(exc)})") from None
+            raise NotARecord(name, f"no CSV table ({one_line(exc, with_type=False)})") from None
         return _from_plain_table(df, name)
     try:
         doc = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SppError(f"record {name}: its sidecar {meta_path} is not JSON ({_one_line(exc)})") from None
+        raise SppError(f"record {name}: its sidecar {meta_path} is not JSON ({one_line(exc, with_type=False)})") from None
     if not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME):
         raise SppError(f"record {name}: its sidecar {meta_path} is not an spp record header")
     _check_header(doc, name)

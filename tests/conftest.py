@@ -27,3 +27,22 @@ def cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "spp-cache"
     monkeypatch.setenv("SPP_CACHE_DIR", str(folder))
     return folder
+
+
+@pytest.fixture
+def cache_misses(monkeypatch) -> list[str]:
+    """The model specs recorded because the curve cache did not have them (the references actually recorded)."""
+    from spp import cache
+
+    calls: list[str] = []
+    real = cache.cached_record
+
+    def counting(cfg, compute, **kw):
+        def miss():
+            calls.append(cfg.model)
+            return compute()
+
+        return real(cfg, miss, **kw)
+
+    monkeypatch.setattr(cache, "cached_record", counting)
+    return calls

@@ -14,8 +14,6 @@ import spp
 import spp.hooks
 from spp.discovery import find_taps
 from spp.models import create_model
-from spp.records import Record
-from spp.run import RunConfig, record_run
 from tests.helpers import capture_outputs, direct_stats
 
 
@@ -57,19 +55,9 @@ def test_public_surface_is_small_and_lazy():
 
 
 
-@pytest.fixture(scope="module")
-def recs() -> list[Record]:
-    cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32, batch_size=2)
-    a = record_run(cfg)
-    b = record_run(RunConfig(model="bn_relu_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
-                               batch_size=2))
-    return [a, b]
 
 
 
-def test_repr_html_is_a_compact_table(recs):
-    html = recs[0]._repr_html_()
-    assert html.count("<tr") == 1 + 17 and "stage ends [3, 7, 13, 16]" in html
 
 
 

@@ -24,21 +24,6 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.fixture
-def recordings(monkeypatch):
-    """Counts the references actually recorded (cache misses)."""
-    calls: list[str] = []
-    real = cache.cached_record
-
-    def counting(cfg, compute, **kw):
-        def miss():
-            calls.append(cfg.model)
-            return compute()
-
-        return real(cfg, miss, **kw)
-
-    monkeypatch.setattr(cache, "cached_record", counting)
-    return calls
 
 
 def entries(folder) -> list:
@@ -49,11 +34,11 @@ def test_cache_dir_follows_env(cache_dir):
     assert cache.cache_dir() == cache_dir
 
 
-def test_second_reference_is_read_from_cache_and_equal(cache_dir, recordings):
+def test_second_reference_is_read_from_cache_and_equal(cache_dir, cache_misses):
     first = spp.references.record_reference(CFG, REF)
-    assert recordings == [REF] and len(entries(cache_dir)) == 1
+    assert cache_misses == [REF] and len(entries(cache_dir)) == 1
     second = spp.references.record_reference(CFG, REF)
-    assert recordings == [REF]  # not recorded again
+    assert cache_misses == [REF]  # not recorded again
     assert second.settings["cached"] is True and "cached" not in first.settings
     assert second.to_frame().equals(first.to_frame())  # every column, bit for bit (NaN where NaN)
     assert second.stage_ends == first.stage_ends
@@ -62,12 +47,12 @@ def test_second_reference_is_read_from_cache_and_equal(cache_dir, recordings):
     assert doc["settings"]["cache_key"] == cache.run_key(spp.references.reference_config(CFG, REF))
 
 
-def test_no_cache_neither_reads_nor_writes(cache_dir, recordings):
+def test_no_cache_neither_reads_nor_writes(cache_dir, cache_misses):
     spp.references.record_reference(CFG, REF, use_cache=False)
     assert entries(cache_dir) == []
     spp.references.record_reference(CFG, REF)
     spp.references.record_reference(CFG, REF, use_cache=False)
-    assert recordings == [REF, REF, REF]
+    assert cache_misses == [REF, REF, REF]
 
 
 @pytest.mark.parametrize("change", [{"seed": 1}, {"resolution": 64}, {"batch_size": 2}, {"num_samples": 8},
@@ -90,18 +75,18 @@ def test_only_deterministic_built_in_runs_are_cacheable(tmp_path):
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b"", b"\x80\x04K\x01.", b'{"format": "spp-record"}'])
-def test_damaged_entry_is_ignored_and_rewritten(cache_dir, recordings, damage):
+def test_damaged_entry_is_ignored_and_rewritten(cache_dir, cache_misses, damage):
     first = spp.references.record_reference(CFG, REF)
     (path,) = entries(cache_dir)
     path.write_bytes(damage)
     again = spp.references.record_reference(CFG, REF)
-    assert recordings == [REF, REF]
+    assert cache_misses == [REF, REF]
     assert again.to_frame().equals(first.to_frame())
     third = spp.references.record_reference(CFG, REF)  # healed
-    assert recordings == [REF, REF] and third.settings["cached"] is True
+    assert cache_misses == [REF, REF] and third.settings["cached"] is True
 
 
-def test_entry_of_another_key_is_ignored(cache_dir, recordings):
+def test_entry_of_another_key_is_ignored(cache_dir, cache_misses):
     ref_cfg = spp.references.reference_config(CFG, REF)
     spp.references.record_reference(CFG, REF)
     (path,) = entries(cache_dir)
@@ -110,41 +95,41 @@ def test_entry_of_another_key_is_ignored(cache_dir, recordings):
     path.write_text(json.dumps(doc))
     assert cache.load(ref_cfg, cache.run_key(ref_cfg)) is None
     spp.references.record_reference(CFG, REF)
-    assert recordings == [REF, REF]
+    assert cache_misses == [REF, REF]
 
 
-def test_unwritable_cache_warns_and_records(tmp_path, monkeypatch, recordings):
+def test_unwritable_cache_warns_and_records(tmp_path, monkeypatch, cache_misses):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("SPP_CACHE_DIR", str(blocker))
     with pytest.warns(UserWarning, match="could not write the curve cache"):
         rec = spp.references.record_reference(CFG, REF)
-    assert rec.num_blocks == 16 and recordings == [REF]
+    assert rec.num_blocks == 16 and cache_misses == [REF]
 
 
-def test_plot_records_the_model_and_reads_the_references(tmp_path, cache_dir, recordings):
+def test_plot_records_the_model_and_reads_the_references(tmp_path, cache_dir, cache_misses):
     from spp import commands
 
     out = tmp_path / "a.png"
     cold = commands.plot_model(CFG, out=str(out), reference="bn_relu_resnet,nf_resnet")
-    assert sorted(recordings) == ["bn_relu_resnet50"]  # nf_resnet50 at width 0.125 is the model itself
+    assert sorted(cache_misses) == ["bn_relu_resnet50"]  # nf_resnet50 at width 0.125 is the model itself
     warm = commands.plot_model(CFG, out=str(out))
-    assert sorted(recordings) == ["bn_relu_resnet50", "relu_bn_resnet50"]
+    assert sorted(cache_misses) == ["bn_relu_resnet50", "relu_bn_resnet50"]
     assert [r.label for r in cold.references] == ["BN-ReLU-Conv (pre-activation ResNet-V2) 50"]
     assert [r.label for r in warm.references] == [cold.references[0].label, "ReLU-BN-Conv 50"]
     commands.plot_model(CFG, out=str(out), use_cache=False)
-    assert len(recordings) == 4
+    assert len(cache_misses) == 4
 
 
-def test_cli_no_cache_flag(tmp_path, cache_dir, recordings):
+def test_cli_no_cache_flag(tmp_path, cache_dir, cache_misses):
     args = ["plot", "--model", "nf_resnet50", "--width", "0.125", "--resolution", "32", "--batch-size", "4",
             "--reference", REF, "--out", str(tmp_path / "p.png")]
     runner = CliRunner()
     assert runner.invoke(app, args).exit_code == 0
     assert runner.invoke(app, args).exit_code == 0
-    assert recordings == [REF]
+    assert cache_misses == [REF]
     assert runner.invoke(app, [*args, "--no-cache"]).exit_code == 0
-    assert recordings == [REF, REF]
+    assert cache_misses == [REF, REF]
 
 
 def test_clear_removes_entries(cache_dir):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -279,13 +278,8 @@ def test_activation_checkpointing_counts_each_block_once(reentrant):
 
 
 
-def timm_model(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
-def image(n: int = 2, size: int = 32, chans: int = 3) -> torch.Tensor:
-    return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(1))
 
 
 

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 import spp
-from spp import cache
 from spp.commands import plot_model
 from spp.run import RunConfig, record_run
 
@@ -25,31 +24,16 @@ def images(tmp_path):
     return folder
 
 
-@pytest.fixture
-def misses(monkeypatch):
-    """The model specs recorded because the curve cache did not have them."""
-    calls: list[str] = []
-    real = cache.cached_record
-
-    def counting(cfg, compute, **kw):
-        def miss():
-            calls.append(cfg.model)
-            return compute()
-
-        return real(cfg, miss, **kw)
-
-    monkeypatch.setattr(cache, "cached_record", counting)
-    return calls
 
 
-def test_references_of_an_image_record_use_its_images(images, misses):
+def test_references_of_an_image_record_use_its_images(images, cache_misses):
     """A record made from images gets references on the same images (this raised TypeError before)."""
     cfg = RunConfig(model="nf_resnet50", model_kwargs=TINY, input=str(images), resolution=32, batch_size=3)
     rec = record_run(cfg)
     assert rec.settings["input"] == "images" and isinstance(rec.settings["input_std"], list)
     fig = spp.plot(rec, references="bn_relu_resnet")
     (ref,) = [r for r in _references(fig)]
-    assert misses == ["bn_relu_resnet50"]
+    assert cache_misses == ["bn_relu_resnet50"]
     again = record_run(RunConfig(model="bn_relu_resnet50", model_kwargs=TINY, input=str(images), resolution=32,
                                  batch_size=3))
     assert ref == [row["avg_var"] for row in again.rows]  # the same images, the same micro-batches
@@ -63,12 +47,12 @@ def _references(fig) -> list[list[float]]:
             line.get_label()]
 
 
-def test_notebook_reuses_the_references_the_cli_recorded(tmp_path, misses):
+def test_notebook_reuses_the_references_the_cli_recorded(tmp_path, cache_misses):
     """`spp plot` then `spp.plot(rec, references="auto")` on its record: the same cache keys, nothing recorded
     again, and the model is not drawn a second time as its own reference."""
     cfg = RunConfig(model="nf_resnet50", model_kwargs=TINY, resolution=32, batch_size=2)
     result = plot_model(cfg, out=str(tmp_path / "a.png"))
-    assert sorted(misses) == ["bn_relu_resnet50", "relu_bn_resnet50"]
-    misses.clear()
+    assert sorted(cache_misses) == ["bn_relu_resnet50", "relu_bn_resnet50"]
+    cache_misses.clear()
     fig = spp.plot(result.record, references="auto")
-    assert misses == [] and len(_references(fig)) == 2
+    assert cache_misses == [] and len(_references(fig)) == 2

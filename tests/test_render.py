@@ -61,3 +61,7 @@ def test_render_plot_draws_several_with_stage_ends(recs):
     assert sorted(float(v.get_xdata()[0]) for v in verticals) == [3.0, 3.0, 7.0, 7.0, 13.0, 13.0]
     plt.close(fig)
 
+
+def test_repr_html_is_a_compact_table(recs):
+    html = recs[0]._repr_html_()
+    assert html.count("<tr") == 1 + 17 and "stage ends [3, 7, 13, 16]" in html

@@ -4,69 +4,27 @@ independently, and the recorder must read the same numbers.
 
 from __future__ import annotations
 
-import math
-
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from spp import hooks
 from spp.discovery import find_taps
 from spp.rules.common import ZERO_BRANCH
 from spp.taps import Difference, Site
-from tests.helpers import capture_sites, direct_stats, liven, residual_value, tap_sites
+from tests.helpers import (
+    blocks,
+    capture_sites,
+    check_recorder_reads_the_same,
+    image,
+    liven,
+    tap_sites,
+    timm_model,
+    tv_model,
+    verify,
+)
 from tests.toys import Chain
-
-
-def timm_model(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
-
-def tv_model(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
-
-
-def image(n: int = 2, size: int = 32, chans: int = 3) -> torch.Tensor:
-    return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def blocks(taps):
-    return taps[1:]
-
-
-def check_recorder_reads_the_same(model: nn.Module, taps, values, x) -> None:
-    """The recorder's statistics at every tap equal the direct ones on the tensors our own hooks captured."""
-    rec = hooks.record(model, x, mode="eval", taps=taps)
-    for tap, row in zip(taps, rec.rows, strict=True):
-        out = values[tap.output]
-        axis = tap.channel_dim if tap.channel_dim is not None else (-1 if out.ndim == 3 else 1)
-        _, var = direct_stats(out, axis)
-        assert math.isclose(row["avg_var"], var, rel_tol=1e-6), (tap.name, row["avg_var"], var)
-        if tap.residual is not None:
-            r = residual_value(tap, values)
-            axis = tap.channel_dim if tap.channel_dim is not None else (-1 if r.ndim == 3 else 1)
-            if getattr(tap, "residual_channel_dim", None) is not None:
-                axis = tap.residual_channel_dim  # e.g. ConvNeXt's channels-last mlp under an NCHW block
-            _, rvar = direct_stats(r, axis)
-            assert math.isclose(row["res_avg_var"], rvar, rel_tol=1e-5, abs_tol=1e-12), (tap.name, rvar)
-
-
-def verify(model: nn.Module, x: torch.Tensor, expect) -> list:
-    """For every tap, ``expect(tap, block, values)`` rebuilds the tensor at the tap's output site from its branch."""
-    taps = find_taps(model)
-    values = capture_sites(model, tap_sites(taps), x)
-    modules = dict(model.named_modules())
-    for tap in blocks(taps):
-        rebuilt = expect(tap, modules[tap.module], values)
-        torch.testing.assert_close(rebuilt, values[tap.output], msg=lambda m, t=tap: f"{t.name}: {m}")
-    check_recorder_reads_the_same(model, taps, values, x)
-    return taps
-
 
 
 @pytest.mark.parametrize(

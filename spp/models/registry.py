@@ -8,7 +8,7 @@ from typing import Any
 
 from spp.errors import SppError, close_matches
 
-# Mirrors spp.models.resnet.DEPTHS (kept here so listing names does not import torch).
+# Bottleneck blocks per stage of each depth (Brock et al. 2021); spp.models.resnet builds from this table.
 DEPTHS: dict[int, tuple[int, ...]] = {
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
