@@ -409,7 +409,7 @@ def _load_pt(p: Path, name: str) -> Record:
         raise NotARecord(name, f"{what}; spp reads .pt files with weights_only=True and never runs pickled "
                                "code") from None
     except Exception as exc:  # torch raises KeyError, RuntimeError, EOFError, ... on files it cannot parse
-        raise NotARecord(name, f"no PyTorch file at all ({type(exc).__name__}: {one_line(exc, with_type=False)})") from None
+        raise NotARecord(name, f"no PyTorch file at all ({one_line(exc)})") from None
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT_NAME):
         raise NotARecord(name, _describe_object(obj))
     _check_header(obj, name)
@@ -466,7 +466,8 @@ def _load_csv(p: Path, name: str) -> Record:
     try:
         doc = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SppError(f"record {name}: its sidecar {meta_path} is not JSON ({one_line(exc, with_type=False)})") from None
+        why = one_line(exc, with_type=False)
+        raise SppError(f"record {name}: its sidecar {meta_path} is not JSON ({why})") from None
     if not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME):
         raise SppError(f"record {name}: its sidecar {meta_path} is not an spp record header")
     _check_header(doc, name)
