@@ -465,12 +465,14 @@ class LayerBatchError:
 class BatchSizeResult:
     """The mini-batch SPP (train mode) at one normalisation batch size and its BN layers' batch errors.
     ``samples``: the first floor(N / batch_size) * batch_size samples (a last, smaller micro-batch would have
-    another normalisation batch size)."""
+    another normalisation batch size). ``population``: where precise statistics were given, the eval-mode SPP
+    of the same samples with them in the buffers (the test-time view of the same inputs), else None."""
 
     batch_size: int
     samples: int
     record: Record
     layers: list[LayerBatchError]
+    population: Record | None = None
 
     @property
     def mean_var_err(self) -> float:
@@ -480,17 +482,32 @@ class BatchSizeResult:
     def max_var_err(self) -> float:
         return max(r.var_err for r in self.layers)
 
+    @property
+    def spp_divergence(self) -> float:
+        """Max over blocks of |log10| of the mini-batch SPP's avg_var over the population SPP's (NaN without
+        ``population``): the train/test inconsistency this batch size puts into the signal."""
+        if self.population is None:
+            return float("nan")
+        ratios = [_log_ratio(a["avg_var"], b["avg_var"])
+                  for a, b in zip(self.record.rows, self.population.rows, strict=True)]
+        finite = [r for r in ratios if r == r]
+        return max(finite) if finite else float("nan")
+
 
 def batch_size_sweep(
     model: nn.Module,
     inputs: torch.Tensor,
     batch_sizes: Sequence[int] = (2, 4, 8, 32),
+    stats: PreciseStats | None = None,
     **record_kwargs: Any,
 ) -> list[BatchSizeResult]:
     """For each normalisation batch size b, split the same samples ``inputs`` (N, ...) into micro-batches of b,
     record the train-mode SPP and each BN layer's mini-batch statistics against the population statistics of
     that run. The population is taken at the same b because BN layers downstream of the first see inputs that
-    depend on b (their upstream BNs normalise with b-sample statistics). Single-process (per rank)."""
+    depend on b (their upstream BNs normalise with b-sample statistics): it is what PreciseBN at batch size b
+    would give. ``stats`` (e.g. ``precise_bn_stats`` at the training batch size): also record the eval-mode SPP
+    of the same samples with them (``BatchSizeResult.population``, ``spp_divergence``). Single-process (per
+    rank)."""
     import spp.hooks
 
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
@@ -521,7 +538,11 @@ def batch_size_sweep(
                 var_err=float(torch.stack([e[1].mean() for e in errs]).mean()),
                 var_bias=float(torch.stack(bias).mean()),
             ))
-        results.append(BatchSizeResult(b, used, rec, layers))
+        population = None
+        if stats is not None:  # the same micro-batches in eval mode
+            with precise_buffers(model, stats):
+                population = spp.hooks.record(model, micro, mode="eval", **record_kwargs)
+        results.append(BatchSizeResult(b, used, rec, layers, population))
     return results
 
 

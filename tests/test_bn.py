@@ -269,12 +269,17 @@ def test_batch_size_sweep_matches_hand_computation():
     """Per layer and batch size b: the mean over micro-batches and channels of |mu_B - mu| / sqrt(var + eps) and
     |(var_B + eps) / (var + eps) - 1|, var_B the micro-batch's ddof-0 variance and (mu, var) the population of
     the same run, from our own captures; the SPP is spp.hooks.record's over the same micro-batches. 10 samples:
-    b = 4 uses the first 8. Smaller batches sit further from the population (mean over layers)."""
+    b = 4 uses the first 8. Smaller batches sit further from the population (mean over layers). With precise
+    statistics given, ``population`` is the eval-mode SPP of the same samples on a copy loaded with them, and
+    ``spp_divergence`` the largest |log10| avg_var ratio against it."""
     model = build()
     x = gaussian(10, 80)
     before = state_copy(model)
-    results = sppbn.batch_size_sweep(model, x, (2, 4, 8))
+    stats = sppbn.precise_bn_stats(model, [gaussian(8, 81), gaussian(8, 82)])
+    results = sppbn.batch_size_sweep(model, x, (2, 4, 8), stats)
     assert_state_equal(model, before)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(sppbn.precise_state_dict(model, stats))
     assert [r.samples for r in results] == [10, 8, 8]
     eps = 1e-5
     for res in results:
@@ -294,6 +299,10 @@ def test_batch_size_sweep_matches_hand_computation():
                 assert abs(got - want) <= 1e-5 * abs(want) + 1e-8, (res.batch_size, row.layer)
         ref = spp.hooks.record(model, micro, mode="train")
         assert [r["avg_var"] for r in res.record.rows] == [r["avg_var"] for r in ref.rows]
+        pop = spp.hooks.record(twin, micro, mode="eval")
+        assert [r["avg_var"] for r in res.population.rows] == [r["avg_var"] for r in pop.rows]
+        want = max(abs(math.log10(a["avg_var"] / b["avg_var"])) for a, b in zip(ref.rows, pop.rows, strict=True))
+        assert res.spp_divergence == pytest.approx(want, rel=1e-12)
     assert results[0].mean_var_err > results[1].mean_var_err > results[2].mean_var_err
 
 
