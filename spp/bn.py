@@ -42,7 +42,7 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 # ---- which layers, and keeping the model as it was -------------------------------------------------------------
 
 
-def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """(qualified name, module) of every BatchNorm layer, in ``named_modules`` order; a one-line error if none."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if not layers:
@@ -105,10 +105,11 @@ def _input_tensor(batch: Any) -> torch.Tensor:
     return batch
 
 
-def _as_batches(inputs: torch.Tensor | Iterable[Any]) -> list[torch.Tensor]:
-    """One tensor (one micro-batch) or an iterable of micro-batches, as a list (the runs go over them twice)."""
+def _as_batches(inputs: torch.Tensor | Iterable[Any], *, allow_empty: bool = False) -> list[torch.Tensor]:
+    """One tensor (one micro-batch) or an iterable of micro-batches, as a list (the runs go over them more than
+    once). ``allow_empty``: a rank of a distributed run may have none."""
     items = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    if not items:
+    if not items and not allow_empty:
         raise SppError("no input batches: nothing to measure")
     return [_input_tensor(b) for b in items]
 
@@ -202,7 +203,7 @@ def precise_bn_stats(
     training and the activations downstream are the training-time ones; ``track_running_stats`` is off for the
     run, so running_mean / running_var / num_batches_tracked are not written; flags and buffers are restored
     bitwise afterwards, also when the forward raises. ``batches``: one tensor or an iterable of micro-batches
-    (tensors, or (tensor, target, ...) tuples), at least 2 samples each.
+    (tensors, or (tensor, target, ...) tuples, e.g. a DataLoader: streamed, not held), at least 2 samples each.
 
     Variance convention: ``var`` is the population variance (ddof 0) of the layer's input over all N*H*W values.
     A train-mode BN divides by its micro-batch's ddof-0 variance; the population variance is the limit of that
@@ -218,20 +219,25 @@ def precise_bn_stats(
     per-layer moments are merged across ranks (Chan, rank order) and every rank returns the statistics over all
     ranks' samples. Under ``sync_batchnorm`` every rank must run the same number of micro-batches.
     """
-    items = _as_batches(batches)
-    if distributed:
-        _check_same_batch_count(model, len(items))
+    items: Iterable[Any] = [batches] if isinstance(batches, torch.Tensor) else batches
+    syncing = any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    if distributed and syncing:
+        items = list(items)
+        _check_same_batch_count(len(items))
     untracked = tuple(name for name, m in batchnorm_layers(model) if m.running_mean is None)
-    samples = 0
+    samples = count = 0
     with _BNInputs(model) as inputs, _train_mode(model), torch.no_grad():
-        for batch in items:
+        for item in items:  # streamed: a DataLoader's batches are not all held at once
+            batch = _input_tensor(item)
             model(batch)
             samples += int(batch.shape[0])
+            count += 1
             if on_batch is not None:
                 on_batch(int(batch.shape[0]))
-    count = len(items)
-    if distributed:
+    if distributed:  # a rank may have had no micro-batch; the merge gives it everyone's
         samples, count = _merge_across_ranks(list(inputs.moments.values()), samples, count)
+    if count == 0:
+        raise SppError("no input batches: nothing to measure")
     layers, unused = {}, []
     for name in inputs.names:
         m = inputs.moments[name]
@@ -253,13 +259,11 @@ def _merge_across_ranks(moments: list[ChannelMoments], samples: int, batches: in
     return shim.samples, shim.batches
 
 
-def _check_same_batch_count(model: nn.Module, count: int) -> None:
+def _check_same_batch_count(count: int) -> None:
     """SyncBatchNorm is a collective in every forward: ranks with different micro-batch counts would hang."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    if not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         return
     counts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(counts, count)
@@ -297,6 +301,22 @@ class LayerDiscrepancy:
         return max(self.mean_err_max, self.var_err_max)
 
 
+def _matched_layers(model: nn.Module, stats: PreciseStats) -> list[tuple[LayerStats, _BatchNorm]]:
+    """(statistics, BN module) per layer of ``stats``; a one-line error where the model does not match them."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, layer in stats.layers.items():
+        bn = modules.get(name)
+        if not isinstance(bn, _BatchNorm):
+            raise SppError(f"the precise statistics name BatchNorm layer {name!r}, which this model does not have: "
+                           "were they measured on another model?")
+        if bn.num_features != layer.channels:
+            raise SppError(f"BatchNorm layer {name!r} has {bn.num_features} channels, its precise statistics "
+                           f"{layer.channels}: were they measured on another model?")
+        out.append((layer, bn))
+    return out
+
+
 def relative_errors(
     mean: torch.Tensor, var: torch.Tensor, ref_mean: torch.Tensor, ref_var: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,16 +328,14 @@ def relative_errors(
 def ema_discrepancy(model: nn.Module, stats: PreciseStats) -> list[LayerDiscrepancy]:
     """Per BN layer with running buffers, the EMA buffers' error against ``stats`` (median and worst channel),
     sorted worst layer first (by the larger of the worst mean and worst variance error)."""
-    modules = dict(model.named_modules())
     rows = []
-    for name, layer in stats.layers.items():
-        bn = modules.get(name)
-        if bn is None or getattr(bn, "running_mean", None) is None:
+    for layer, bn in _matched_layers(model, stats):
+        if bn.running_mean is None:
             continue
         mean_err, var_err = relative_errors(bn.running_mean, bn.running_var, layer.mean, layer.var, bn.eps)
         tracked = bn.num_batches_tracked
         rows.append(LayerDiscrepancy(
-            layer=name,
+            layer=layer.name,
             channels=layer.channels,
             mean_err_median=float(mean_err.median()),
             mean_err_max=float(mean_err.max()),
@@ -345,8 +363,8 @@ def precise_state_dict(model: nn.Module, stats: PreciseStats) -> dict[str, torch
     buffers' dtype and device; num_batches_tracked as it was). Plain tensors: ``torch.save`` it and read it back
     with ``torch.load(..., weights_only=True)`` and ``load_state_dict``. The model is not touched."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for name, layer in stats.layers.items():
-        prefix = f"{name}." if name else ""
+    for layer, _ in _matched_layers(model, stats):
+        prefix = f"{layer.name}." if layer.name else ""
         mean_key, var_key = f"{prefix}running_mean", f"{prefix}running_var"
         if mean_key not in state:
             continue  # a layer without running buffers
@@ -359,13 +377,12 @@ def precise_state_dict(model: nn.Module, stats: PreciseStats) -> dict[str, torch
 def precise_buffers(model: nn.Module, stats: PreciseStats) -> Iterator[nn.Module]:
     """The model with the precise statistics copied into its BN running buffers for the duration; the original
     buffers come back bitwise afterwards, also on exceptions."""
-    modules = dict(model.named_modules())
+    matched = _matched_layers(model, stats)
     saved = []
     try:
         with torch.no_grad():
-            for name, layer in stats.layers.items():
-                bn = modules[name]
-                if getattr(bn, "running_mean", None) is None:
+            for layer, bn in matched:
+                if bn.running_mean is None:
                     continue
                 saved.append((bn.running_mean, bn.running_mean.clone()))
                 saved.append((bn.running_var, bn.running_var.clone()))
@@ -433,9 +450,10 @@ def train_test_spp(
     """
     import spp.hooks
 
-    items = _as_batches(batches)
+    distributed = bool(record_kwargs.get("distributed"))
+    items = _as_batches(batches, allow_empty=distributed)
     if stats is None:
-        stats = precise_bn_stats(model, items, distributed=bool(record_kwargs.get("distributed")))
+        stats = precise_bn_stats(model, items, distributed=distributed)
     minibatch = spp.hooks.record(model, items, mode="train", **record_kwargs)
     with precise_buffers(model, stats):
         precise = spp.hooks.record(model, items, mode="eval", **record_kwargs)
@@ -607,6 +625,7 @@ def sync_batchnorm(model: nn.Module, process_group: Any = None) -> Iterator[int]
     also on exceptions. Yields the number of layers converted: 0 without an initialised process group of more
     than one rank (SyncBN over one process is BN: nothing to do).
 
+    The model's own SyncBatchNorm layers stay, with the CPU path added for the duration (and are counted).
     In train mode each BN then normalises with the statistics of all ranks' current micro-batches together, as
     SyncBN training does; every rank must run the same number of forwards (each is a collective). On CPU tensors
     (gloo) a forward-only path does the synchronisation (torch's SyncBatchNorm supports GPUs only).
@@ -620,7 +639,10 @@ def sync_batchnorm(model: nn.Module, process_group: Any = None) -> Iterator[int]
         raise SppError("the model is itself a BatchNorm layer: wrap it in a module to convert it")
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     converted: dict[int, nn.Module] = {}
+    recast = [m for m in model.modules() if type(m) is nn.SyncBatchNorm]  # the model's own: CPU path added
     try:
+        for m in recast:
+            m.__class__ = _SyncBatchNorm
         for parent in list(model.modules()):
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
@@ -631,7 +653,9 @@ def sync_batchnorm(model: nn.Module, process_group: Any = None) -> Iterator[int]
                         converted[id(child)] = sync
                     swaps.append((parent, child_name, child))
                     setattr(parent, child_name, sync)
-        yield len(converted)
+        yield len(converted) + len(recast)
     finally:
         for parent, child_name, child in reversed(swaps):
             setattr(parent, child_name, child)
+        for m in recast:
+            m.__class__ = nn.SyncBatchNorm

@@ -329,7 +329,13 @@ def test_one_line_errors():
     with pytest.raises(SppError, match="batch size 16"):
         sppbn.batch_size_sweep(build(), gaussian(8, 0), (2, 16))
     with pytest.raises(SppError, match="no input batches"):
-        sppbn.precise_bn_stats(build(), [])
+        sppbn.precise_bn_stats(build(), iter([]))
+    stats = sppbn.precise_bn_stats(build(), [gaussian(4, 0)])
+    other = create_model("bn_relu_resnet50", width=0.25)
+    with pytest.raises(SppError, match="has 16 channels, its precise statistics 8"):
+        sppbn.precise_state_dict(other, stats)
+    with pytest.raises(SppError, match="does not have"):
+        sppbn.ema_discrepancy(nn.Sequential(build()), stats)  # names gain a "0." prefix
 
 
 # ---- SyncBN ---------------------------------------------------------------------------------------------------
