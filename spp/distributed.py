@@ -155,16 +155,23 @@ def merge_moments(recorder: MomentSource, group: Any = None) -> None:
     the same on every rank: the statistics over all ranks' samples. ``samples`` and ``batches`` are summed.
     A no-op without an initialised process group of more than one rank.
     """
+    pairs = recorder.moments()
+    moments = [*(o for o, _ in pairs), *(r for _, r in pairs)]
+    recorder.samples, recorder.batches = merge_across_ranks(moments, recorder.samples, recorder.batches, group)
+
+
+def merge_across_ranks(moments: list[ChannelMoments], samples: int, batches: int,
+                       group: Any = None) -> tuple[int, int]:
+    """Merge each of ``moments`` with the same-position moments of every other rank, in rank order, in place;
+    returns (samples, batches) summed over the ranks. A collective (see ``merge_moments``)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return
+        return samples, batches
     world = dist.get_world_size(group)
-    pairs = recorder.moments()
-    moments = [*(o for o, _ in pairs), *(r for _, r in pairs)]
     device = _collective_device(moments)
     # 1. counts and channel counts (a rank that saw nothing does not know the shapes), samples, batches
-    meta = torch.tensor([len(moments), recorder.samples, recorder.batches,
+    meta = torch.tensor([len(moments), samples, batches,
                          *(m.count for m in moments),
                          *((m.mean.numel() if m.mean is not None else 0) for m in moments)], dtype=torch.int64,
                         device=device)
@@ -204,8 +211,7 @@ def merge_moments(recorder: MomentSource, group: Any = None) -> None:
         merge_many(items)
     for mom, target, dev in zip(moments, merged, home, strict=True):
         mom.assign(target, dev if dev is not None else device)
-    recorder.samples = sum(row[1] for row in metas_host)
-    recorder.batches = sum(row[2] for row in metas_host)
+    return sum(row[1] for row in metas_host), sum(row[2] for row in metas_host)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

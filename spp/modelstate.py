@@ -39,9 +39,19 @@ def check_mode(mode: object) -> Mode | None:
     return mode  # type: ignore[return-value]
 
 
+def normalises_with_running_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` normalises with the statistics of its input in train mode and with running ones in eval
+    mode (BatchNorm, InstanceNorm with running stats, anything keeping ``running_mean`` / ``running_var``)."""
+    return isinstance(module, _NORM_BASE) or module._buffers.get("running_var") is not None \
+        or module._buffers.get("running_mean") is not None
+
+
 def uses_batch_statistics(module: nn.Module) -> bool:
-    """Whether ``module`` normalises with batch statistics in train mode and running ones in eval mode."""
-    return isinstance(module, _NORM_BASE) or "running_var" in module._buffers or "running_mean" in module._buffers
+    """Whether ``module`` in train mode normalises each sample with statistics taken over the whole micro-batch
+    (BatchNorm; not InstanceNorm, whose statistics are per sample), so a micro-batch of one sample is meaningless."""
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return False
+    return normalises_with_running_statistics(module)
 
 
 def _torch_own(module: nn.Module) -> bool:
@@ -145,7 +155,7 @@ class ModelState:
         self._saved = [flags, tracking, attributes, buffers, fastpath]
         train = self.mode == "train"
         for m in modules:
-            m.training = train and (self.stochastic or uses_batch_statistics(m))
+            m.training = train and (self.stochastic or normalises_with_running_statistics(m))
         if train:  # batch statistics without touching running_mean / running_var / num_batches_tracked
             for m, _ in tracking:
                 m.track_running_stats = False

@@ -57,3 +57,14 @@ def test_notebook(tmp_path):
     _assert_png(tmp_path / "compare.png")
     assert "aligned by tap name (8 blocks after the stem)" in result.stdout
     assert "aligned by relative depth" in result.stdout
+
+
+def test_bn_report(tmp_path):
+    out = tmp_path / "bn.png"
+    result = _run([str(EXAMPLES / "bn_report.py"), "--width", "0.0625", "--resolution", "32", "--batch-size", "4",
+                   "--ema-updates", "3", "--num-samples", "16", "--sweep", "2,4", "--sweep-samples", "8",
+                   "--plot", str(out)])
+    _assert_png(out)
+    for text in ("1. EMA buffers vs PreciseBN over 16 samples (4 micro-batches)", "worst layer",
+                 "max over blocks of |log10 ratio| of avg_var", "3. Normalisation batch size"):
+        assert text in result.stdout

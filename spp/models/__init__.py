@@ -2,6 +2,7 @@
 
 from spp.models.registry import (
     DEPTHS,
+    NORMS,
     REFERENCE_FAMILIES,
     create_model,
     get_entry,
@@ -12,6 +13,7 @@ from spp.models.registry import (
 
 __all__ = [
     "DEPTHS",
+    "NORMS",
     "REFERENCE_FAMILIES",
     "create_model",
     "get_entry",

@@ -8,6 +8,9 @@ from typing import Any
 
 from spp.errors import SppError, close_matches
 
+# Normalisation layers of the BN reference families (``norm=``); spp.models.resnet builds them.
+NORMS: tuple[str, ...] = ("bn", "gn", "ln", "in", "none")
+
 # Bottleneck blocks per stage of each depth (Brock et al. 2021); spp.models.resnet builds from this table.
 DEPTHS: dict[int, tuple[int, ...]] = {
     50: (3, 4, 6, 3),
@@ -25,13 +28,18 @@ class Family:
     factory: str  # "module:function", imported on first use
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    options: str = ""  # the family's own keyword options, for `spp models`
 
+
+_NORM_OPTIONS = f"norm={'|'.join(NORMS)} (default bn), groups=32 (gn)"
 
 FAMILIES: tuple[Family, ...] = (
     Family("bn_relu_resnet", "spp.models.resnet:preact_resnet", "BN-ReLU-Conv (pre-activation ResNet-V2)",
-           {"order": "bn_relu"}),
-    Family("relu_bn_resnet", "spp.models.resnet:preact_resnet", "ReLU-BN-Conv", {"order": "relu_bn"}),
-    Family("nf_resnet", "spp.models.nf_resnet:nf_resnet", "NF-ResNet with Scaled WS (alpha 0.2)"),
+           {"order": "bn_relu"}, _NORM_OPTIONS),
+    Family("relu_bn_resnet", "spp.models.resnet:preact_resnet", "ReLU-BN-Conv", {"order": "relu_bn"},
+           _NORM_OPTIONS),
+    Family("nf_resnet", "spp.models.nf_resnet:nf_resnet", "NF-ResNet with Scaled WS (alpha 0.2)",
+           options="alpha=0.2, ws=true"),
 )
 REFERENCE_FAMILIES = tuple(f.prefix for f in FAMILIES)
 
@@ -48,7 +56,8 @@ class ModelEntry:
 
     @property
     def description(self) -> str:
-        return f"{self.family.description}, {self.depth} layers, blocks per stage {list(self.layers)}"
+        options = f"; options {self.family.options}" if self.family.options else ""
+        return f"{self.family.description}, {self.depth} layers, blocks per stage {list(self.layers)}{options}"
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -79,7 +88,8 @@ def create_model(name: str, **kwargs: Any):
     """Build a registered reference model, randomly initialised.
 
     kwargs: ``width`` (channel multiplier), ``in_chans``, ``activation``, ``num_classes``; for ``nf_resnet*`` also
-    ``alpha`` and ``ws``.
+    ``alpha`` and ``ws``; for ``bn_relu_resnet*`` / ``relu_bn_resnet*`` also ``norm`` (one of ``NORMS``) and
+    ``groups`` (GroupNorm's group count, default 32).
     """
     entry = get_entry(name)
     module_name, fn_name = entry.family.factory.split(":")
