@@ -521,8 +521,8 @@ def _variance(blocks: list[_Row], steps: list[_Step], t: Thresholds) -> list[Fin
                 "variance_growth", "note", (values[0][0], values[-1][0]), p, t.max_branch_exponent,
                 f"{_span(values[0][0], values[-1][0])}: the branch variance tracks the stream's (exponent "
                 f"{p:.2f}, threshold {t.max_branch_exponent:g}), so each block multiplies the variance (by up to "
-                f"x{growth:.3g}, block {g1}); within the linear bound at this depth, but geometric: deeper versions "
-                "of this network will explode."
+                f"x{growth:.3g}, block {g1}); within the linear bound at this depth, but if the branches keep tracking "
+                "the stream, deeper versions of this network grow geometrically."
             )
         )
     excess, b0, b1 = _extreme_ratio(values, rising=False, cap=t.max_growth, pairs=pairs)
@@ -578,13 +578,13 @@ def _branches(rows: list[_Row], steps: list[_Step], t: Thresholds) -> list[Findi
         first, last = zero[0][0].block, zero[-1][0].block
         exact = sum(r.res == 0.0 for r, _ in zero)
         largest = max(v for _, v in zero)
-        what = ("are exactly zero" if exact == len(zero) else
-                f"are negligible ({exact} exactly zero)" if exact else "are negligible")
+        size = ("are exactly zero" if exact == len(zero) else
+                f"are negligible, at most {largest:.3g} of their input's variance ({exact} exactly zero)")
         out.append(
             Finding(
                 "zero_branch", "note", (first, last), largest, t.zero_branch_ratio,
-                f"{_span(first, last)}{_of(len(zero), live)}: residual branches {what}: at most {largest:.3g} of "
-                f"their input's variance (threshold {t.zero_branch_ratio:.3g}), before or after their scale; "
+                f"{_span(first, last)}{_of(len(zero), live)}: residual branches {size} (threshold "
+                f"{t.zero_branch_ratio:.3g} of the input's variance, before or after their scale): "
                 "zero-init gains (SkipInit, a zero-init last BatchNorm or LayerScale) make each block an identity "
                 "at init, so a flat SPP is the truth here, not a failure; record with the gains set to 1 to see "
                 "what the branches would do."

@@ -264,7 +264,7 @@ def parse_activation(spec: str) -> ParsedActivation:
     if text.isidentifier() and text not in ("x", "torch", "F", "math"):
         fn = _bare_function(text)
         if fn is None:
-            known = [*ACTIVATIONS, *(p.rsplit(".", 1)[-1] for p in _PATHS if callable(_PATHS[p]))]
+            known = dict.fromkeys([*ACTIVATIONS, *(p.rsplit(".", 1)[-1] for p in _PATHS if callable(_PATHS[p]))])
             raise SppError(f"unknown activation {text!r}{close_matches(text, known)}; known: "
                            f"{', '.join(sorted(ACTIVATIONS))}, any torch.nn.functional or torch function by name, "
                            "or an expression in x such as 'x * torch.sigmoid(1.702 * x)'")
@@ -330,6 +330,7 @@ _WG = (0.129484966168869693270611432679082, 0.279705391489276667901467771423780,
 _HALF_WIDTH = 16.0  # phi(16) = 1e-56: beyond it nothing that grows slower than exp(x^2/4) contributes
 _TOLERANCE = 1e-13  # per-panel agreement of the Kronrod and Gauss estimates, relative to the integral
 _MAX_ROUNDS = 80
+_MAX_ACTIVE_PANELS = 2048
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,7 @@ def integrate_gaussian(fn: ActivationFn, spec: str = "g") -> GaussianMoments:
         pending_error = float(errors[bad].sum())
         mid = center[bad]
         lo, hi = torch.cat([lo[bad], mid]), torch.cat([mid, hi[bad]])
-        if lo.numel() > 100_000:
+        if lo.numel() > _MAX_ACTIVE_PANELS:  # a singularity, not a kink or a jump (those keep a few panels busy)
             break
     x = torch.cat([d[0] for d in done])
     half = torch.cat([d[1] for d in done])
