@@ -23,8 +23,8 @@ import time
 import torch
 
 import spp.hooks
-from spp.check import check, exit_code, format_findings
 from spp.models import create_model
+from spp.verdicts import check, exit_code, format_findings
 
 REFERENCES = (
     # (label, family, mode, options, error kinds expected (any of the alternatives))

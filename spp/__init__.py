@@ -31,6 +31,7 @@ _API: dict[str, tuple[str, str]] = {
     "save_record": ("spp.files", "save_record"),
     "plot": ("spp.plotting", "plot"),
     "compare": ("spp.comparison", "compare_records"),
+    "check": ("spp.verdicts", "check"),
     "SppError": ("spp.errors", "SppError"),
 }
 
@@ -43,6 +44,7 @@ __all__ = [
     "SppError",
     "Tap",
     "__version__",
+    "check",
     "compare",
     "find_taps",
     "load_record",
@@ -60,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from spp.plotting import plot
     from spp.records import Record
     from spp.taps import Site, Tap
+    from spp.verdicts import check
 
 
 def __getattr__(name: str) -> Any:

@@ -35,8 +35,8 @@ def test_imports_stay_light():
 
 
 
-PUBLIC = ["DEFAULT_RULES", "Record", "Rule", "SignalRecorder", "Site", "SppError", "Tap", "__version__", "compare",
-          "find_taps", "load_record", "plot", "record", "save_record"]
+PUBLIC = ["DEFAULT_RULES", "Record", "Rule", "SignalRecorder", "Site", "SppError", "Tap", "__version__", "check",
+          "compare", "find_taps", "load_record", "plot", "record", "save_record"]
 
 
 def test_public_surface_is_small_and_lazy():

@@ -14,7 +14,11 @@ import pytest
 import torch
 
 import spp.hooks
-from spp.check import (
+from spp.errors import SppError
+from spp.models import create_model
+from spp.records import Record
+from spp.schema import NAMES as COLUMNS
+from spp.verdicts import (
     EXIT_FINDINGS,
     EXIT_HEALTHY,
     EXIT_NONFINITE,
@@ -28,9 +32,6 @@ from spp.check import (
     findings_to_json,
     is_healthy,
 )
-from spp.errors import SppError
-from spp.models import create_model
-from spp.record import COLUMNS, Record
 
 NAN = math.nan
 
