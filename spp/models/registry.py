@@ -1,4 +1,8 @@
-"""Names -> reference models. Listing names imports nothing heavy, so ``spp models`` starts in a blink."""
+"""Names -> reference models. Listing names imports nothing heavy, so ``spp models`` starts in a blink.
+
+Two kinds: ResNets for image models (depth = layers of the ResNet, ``DEPTHS`` gives blocks per stage) and
+transformers for token models (depth = number of layers, each an attention and an MLP branch).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ DEPTHS: dict[int, tuple[int, ...]] = {
     288: (24, 24, 24, 24),
     600: (50, 50, 50, 50),
 }
+# Layers of the reference transformers (one stage each), so a reference can match a user model's depth.
+TRANSFORMER_DEPTHS: tuple[int, ...] = (6, 12, 24, 48, 96)
+KINDS = ("resnet", "transformer")
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class Family:
     factory: str  # "module:function", imported on first use
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    kind: str = "resnet"  # "resnet" (image models) or "transformer" (token models)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -32,8 +40,30 @@ FAMILIES: tuple[Family, ...] = (
            {"order": "bn_relu"}),
     Family("relu_bn_resnet", "spp.models.resnet:preact_resnet", "ReLU-BN-Conv", {"order": "relu_bn"}),
     Family("nf_resnet", "spp.models.nf_resnet:nf_resnet", "NF-ResNet with Scaled WS (alpha 0.2)"),
+    Family("preln_transformer", "spp.models.transformer:preln_transformer", "Pre-LN transformer (x + f(LN(x)))",
+           kind="transformer"),
+    Family("postln_transformer", "spp.models.transformer:postln_transformer", "Post-LN transformer (LN(x + f(x)))",
+           kind="transformer"),
+    Family("nf_transformer", "spp.models.transformer:nf_transformer",
+           "NF transformer (x + alpha f(x / beta), Scaled WS, shaped attention, alpha 0.2)", kind="transformer"),
 )
-REFERENCE_FAMILIES = tuple(f.prefix for f in FAMILIES)
+
+
+def reference_families(kind: str = "resnet") -> tuple[str, ...]:
+    """The family prefixes of one kind, in the order spp draws them."""
+    if kind not in KINDS:
+        raise SppError(f"unknown reference kind {kind!r}; known: {', '.join(KINDS)}")
+    return tuple(f.prefix for f in FAMILIES if f.kind == kind)
+
+
+# The image references (the default of `spp run`); transformers: reference_families("transformer").
+REFERENCE_FAMILIES = reference_families("resnet")
+
+
+def depths(kind: str = "resnet") -> tuple[int, ...]:
+    """The depth table of one kind: ResNet depths, or numbers of transformer layers."""
+    reference_families(kind)  # the unknown-kind error
+    return tuple(DEPTHS) if kind == "resnet" else TRANSFORMER_DEPTHS
 
 
 @dataclass(frozen=True)
@@ -44,23 +74,27 @@ class ModelEntry:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return DEPTHS[self.depth]
+        """Blocks per stage: the ResNet table, or one stage of ``depth`` transformer layers."""
+        return DEPTHS[self.depth] if self.family.kind == "resnet" else (self.depth,)
 
     @property
     def description(self) -> str:
+        if self.family.kind == "transformer":
+            return f"{self.family.description}, {self.depth} layers"
         return f"{self.family.description}, {self.depth} layers, blocks per stage {list(self.layers)}"
 
 
 REGISTRY: dict[str, ModelEntry] = {
-    f"{fam.prefix}{depth}": ModelEntry(f"{fam.prefix}{depth}", fam, depth) for fam in FAMILIES for depth in DEPTHS
+    f"{fam.prefix}{depth}": ModelEntry(f"{fam.prefix}{depth}", fam, depth) for fam in FAMILIES
+    for depth in depths(fam.kind)
 }
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered names, optionally filtered by an fnmatch pattern (``"nf_*"``)."""
+def list_models(pattern: str | None = None, kind: str | None = None) -> list[str]:
+    """Registered names, optionally filtered by an fnmatch pattern (``"nf_*"``) and a kind."""
     import fnmatch
 
-    names = list(REGISTRY)
+    names = [n for n, e in REGISTRY.items() if kind is None or e.family.kind == kind]
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
@@ -78,8 +112,9 @@ def get_entry(name: str) -> ModelEntry:
 def create_model(name: str, **kwargs: Any):
     """Build a registered reference model, randomly initialised.
 
-    kwargs: ``width`` (channel multiplier), ``in_chans``, ``activation``, ``num_classes``; for ``nf_resnet*`` also
-    ``alpha`` and ``ws``.
+    kwargs: ResNets: ``width`` (channel multiplier), ``in_chans``, ``activation``, ``num_classes``; for
+    ``nf_resnet*`` also ``alpha`` and ``ws``. Transformers: ``width`` (d_model), ``heads``, ``mlp_ratio``,
+    ``activation``, ``causal``, ``vocab_size``, ``seq_len``; for ``nf_transformer*`` also ``alpha``.
     """
     entry = get_entry(name)
     module_name, fn_name = entry.family.factory.split(":")
@@ -90,6 +125,14 @@ def create_model(name: str, **kwargs: Any):
         raise SppError(f"bad option for {name}: {exc}") from None
 
 
-def nearest_depth(num_blocks: int) -> int:
-    """The depth-table entry whose block count is closest to ``num_blocks`` (the deeper one on a tie)."""
+def nearest_depth(num_blocks: int, kind: str = "resnet") -> int:
+    """The depth-table entry closest to ``num_blocks`` (the deeper one on a tie).
+
+    ``kind="resnet"``: ``num_blocks`` counts residual blocks, compared with each depth's blocks per stage summed.
+    ``kind="transformer"``: ``num_blocks`` counts layers (an attention and an MLP branch each, i.e. half the
+    taps of a two-tap-per-layer model), compared with the layer table.
+    """
+    if kind == "transformer":
+        return min(TRANSFORMER_DEPTHS, key=lambda d: (abs(d - num_blocks), -d))
+    reference_families(kind)
     return min(DEPTHS, key=lambda d: (abs(sum(DEPTHS[d]) - num_blocks), -d))
