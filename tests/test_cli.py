@@ -95,7 +95,8 @@ def test_models_lists_every_reference():
     result = run("models")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.output.splitlines() if line.strip()]
-    assert len(names) == 18 and "nf_resnet600" in names and "relu_bn_resnet288" in names
+    assert len(names) == 18 + 15 and "nf_resnet600" in names and "relu_bn_resnet288" in names
+    assert "nf_transformer96" in names and "postln_transformer6" in names
 
 
 def test_blocks_shows_taps_and_rules():

@@ -68,3 +68,15 @@ def test_bn_report(tmp_path):
     for text in ("1. EMA buffers vs PreciseBN over 16 samples (4 micro-batches)", "worst layer",
                  "max over blocks of |log10 ratio| of avg_var", "3. Normalisation batch size"):
         assert text in result.stdout
+
+
+def test_transformer_references():
+    """The NF line's theory is 1 + k alpha^2: 1.04 after the first branch, 1 + 12 * 0.04 = 1.48 after layer 6's
+    MLP; every family's stem is the standardised embedding (variance close to 1 on 4 x 8 random ids)."""
+    result = _run([str(EXAMPLES / "transformer_references.py"), "--depths", "6", "--width", "32", "--seq-len", "8",
+                   "--batch-size", "4"])
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert sorted(lines) == ["nf_transformer6", "postln_transformer6", "preln_transformer6"]
+    nf = lines["nf_transformer6"]
+    assert nf[4] == "1.040" and nf[8] == "1.480", nf
+    assert all(0.7 < float(cols[1]) < 1.3 for cols in lines.values())

@@ -62,7 +62,7 @@ def test_scaled_ws_standardises_each_output_channel():
 
 # ---- registry --------------------------------------------------------------------------------------------------
 def test_registry_names_and_depths():
-    names = list_models()
+    names = list_models(kind="resnet")
     assert len(names) == 18
     for depth, layers in DEPTHS.items():
         for fam in ("bn_relu_resnet", "relu_bn_resnet", "nf_resnet"):

@@ -1,4 +1,4 @@
-"""Building blocks shared by the reference models: He-initialised convs and Scaled Weight Standardisation."""
+"""Building blocks shared by the reference models: He-initialised convs and linears, Scaled Weight Standardisation."""
 
 from __future__ import annotations
 
@@ -56,6 +56,48 @@ class ScaledStdConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gamma={self.gamma:.4f}"
+
+
+def he_linear(in_features: int, out_features: int, gain: float = 1.0) -> nn.Linear:
+    """A bias-free linear layer with weights ~ N(0, gain^2 / fan_in): variance-preserving for gain 1."""
+    linear = skip_init(nn.Linear, in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.normal_(0.0, gain / math.sqrt(in_features))
+    return linear
+
+
+class ScaledStdLinear(nn.Linear):
+    """Linear layer with Scaled Weight Standardisation: each output row has zero mean and squared norm gamma^2.
+
+    The token analogue of ``ScaledStdConv2d`` (fan-in = in_features): W_hat = gain * gamma * (W - mean) /
+    (std * sqrt(fan_in)), recomputed in every forward. A zero-mean row removes an input offset shared by all
+    features (an activation's mean); the unit norm keeps the variance of i.i.d. unit-variance inputs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, gamma: float = 1.0, eps: float = 1e-4) -> None:
+        super().__init__(in_features, out_features, bias=True)
+        self.gain = nn.Parameter(torch.ones(out_features, 1))
+        self.gamma = float(gamma)
+        self.eps = eps
+
+    def reset_parameters(self) -> None:
+        """W ~ N(0, 1 / fan_in), bias 0 (nn.Linear calls this: its kaiming-uniform draw is never made)."""
+        nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(self.in_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=1, keepdim=True)
+        var = F.mse_loss(w, mean.expand_as(w), reduction="none").mean(dim=1, keepdim=True)
+        scale = torch.rsqrt(torch.clamp(var * self.in_features, min=self.eps)) * (self.gain * self.gamma)
+        return (w - mean) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.standardized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma:.4f}"
