@@ -28,6 +28,7 @@ row is wrong when it differs by more than 1e-4 relative (spp's float32 sums stay
   wrongnum taps whose avg_var or res_avg_var differs from the truth (silently wrong unless a note says so)
   missed   identity adds no tap reads (parallel adds in brackets)
   oax?     adds whose channel axis the oracle could not prove
+  stem     the stem point (first block's input) against the add operand holding it: ok / wrongax / wrongnum / ?
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.oracle import AddEvent, channel_stats, residual_adds
+from tests.oracle import AddEvent, channel_stats, trace
 from tests.zoo_models import ZOO
 
 REL_TOL = 1e-4  # spp sums float32 moments by design (documented: up to 1.2e-5 per channel)
@@ -207,6 +208,7 @@ class Survey:
     missed_parallel: list[str] = field(default_factory=list)
     error: str = ""
     events: list[AddEvent] = field(default_factory=list)
+    stem: str = ""  # "ok", "wrongax", "wrongnum", "?" (no add operand holds the stem tensor, or axis unknown)
 
 
 def check_tap(tap, row, values, events, used: set[int]) -> TapCheck:
@@ -287,6 +289,20 @@ def check_tap(tap, row, values, events, used: set[int]) -> TapCheck:
     return c
 
 
+def check_stem(tap, row, values, watched) -> str:
+    """The stem is the first block's input: the oracle watched that module's input and proved its axis."""
+    from spp.moments import channel_axis
+
+    x, truth = values.get(tap.output), watched.get(tap.output.module)
+    if x is None or truth is None or truth.channel_axis is None or same(x, truth.tensor) != "exact":
+        return "?"
+    sq, var = channel_stats(truth.tensor, truth.channel_axis)
+    if channel_axis(x, tap.channel_dim) != truth.channel_axis:
+        return "wrongax"
+    wrong = max(rel(row["avg_var"], var, x), rel(row["avg_sq_mean"], sq, x)) > REL_TOL
+    return "wrongnum" if wrong else "ok"
+
+
 def survey_one(zm, verbose: bool) -> Survey:
     import spp.hooks
     from spp.discovery import find_taps
@@ -303,10 +319,14 @@ def survey_one(zm, verbose: bool) -> Survey:
         t0 = time.perf_counter()
         model(x)
         sv.times["forward"] = time.perf_counter() - t0
+    try:
+        first_block = find_taps(model)[0].module
+    except SppError:
+        first_block = None
     t0 = time.perf_counter()
-    events = residual_adds(model, x, keep_tensors=True)
+    traced = trace(model, (x,), keep_tensors=True, watch=[first_block] if first_block is not None else [])
     sv.times["oracle"] = time.perf_counter() - t0
-    sv.events = events
+    events = sv.events = traced.events
     sv.adds_identity = sum(e.kind == "identity" for e in events)
     sv.adds_parallel = sum(e.kind == "parallel" for e in events)
     sv.adds_weightless = sum(e.kind == "weightless" for e in events)
@@ -339,6 +359,7 @@ def survey_one(zm, verbose: bool) -> Survey:
                     sites |= {tap.residual.minuend, tap.residual.subtrahend}
             values = capture_sites(model, sites, x)
             used: set[int] = set()
+            sv.stem = check_stem(taps[0], rec.rows[0], values, traced.inputs)
             for tap, row in zip(taps[1:], rec.rows[1:], strict=True):
                 sv.taps.append(check_tap(tap, row, values, events, used))
             matched = {c.event for c in sv.taps}
@@ -360,15 +381,15 @@ def verdict(sv: Survey) -> str:
     if sv.error:
         return "refused" if sv.error.startswith("refused") else "error"
     bad = sum(not c.ok for c in sv.taps)
-    if not bad and not sv.missed_identity:
-        return "all verified"
-    return "SILENTLY WRONG" if any(c.wrong_number for c in sv.taps) else "incomplete"
+    if any(c.wrong_number for c in sv.taps) or sv.stem in ("wrongax", "wrongnum"):
+        return "SILENTLY WRONG"
+    return "all verified" if not bad and not sv.missed_identity else "incomplete"
 
 
 def print_table(results: list[Survey]) -> None:
     head = (f"{'model':30s} {'adds':>7s} {'wl':>2s} {'taps':>4s} {'ok':>4s} {'wrongax':>7s} {'post':>4s} "
             f"{'badres':>6s} {'nomatch':>7s} {'wrongnum':>8s} {'missed':>8s} {'oax?':>4s} {'build':>6s} {'fwd':>6s} "
-            f"{'oracle':>6s} {'spp':>6s}  verdict / error")
+            f"{'oracle':>6s} {'spp':>6s} {'stem':>7s}  verdict / error")
     print(head)
     print("-" * len(head))
     for sv in results:
@@ -381,7 +402,7 @@ def print_table(results: list[Survey]) -> None:
             f"{sum(not c.output for c in sv.taps):>7d} {sum(c.wrong_number for c in sv.taps):>8d} "
             f"{len(sv.missed_identity):>3d}({len(sv.missed_parallel):>2d}) {sv.oracle_unknown_axis:>5d} "
             f"{sv.times.get('build', 0):6.2f} {sv.times.get('forward', 0):6.3f} {sv.times.get('oracle', 0):6.2f} "
-            f"{sv.times.get('discover', 0) + sv.times.get('record', 0):6.2f}  {verdict(sv)}"
+            f"{sv.times.get('discover', 0) + sv.times.get('record', 0):6.2f} {sv.stem or '-':>7s}  {verdict(sv)}"
         )
         if sv.error:
             row += f" | {sv.error[:150]}"

@@ -5,7 +5,7 @@ its channels lie. It is the ground truth of the zoo tests, so it imports torch a
 that sees every aten op after autograd's decompositions (``F.linear`` arrives as ``view, t, addmm, view``),
 with forward pre/post hooks on every module keeping the stack of running modules. It returns one ``AddEvent`` per
 addition of two *activations* of the *same shape* (``add.Tensor``, ``add_.Tensor``, and ``addcmul`` read as
-``input + t1 * t2``). An activation is a value computed from the model's inputs: parameters, buffers, constants,
+``input + t1 * t2``; a subtraction is no event: poolformer's ``pool(x) - x`` lies inside a branch). An activation is a value computed from the model's inputs: parameters, buffers, constants,
 factory outputs (``arange``, ``zeros``) and everything computed from them alone are not, so adding a position
 embedding, a relative position bias or an attention mask is never an event.
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,20 +210,42 @@ class AddEvent:
         return self.shortcut_modules[0] if self.shortcut_modules else ""
 
 
+@dataclass
+class WatchedInput:
+    """The first tensor a watched module received (first call): its proven channel axis, and a clone on request."""
+
+    channel_axis: int | None
+    shape: tuple[int, ...]
+    tensor: torch.Tensor | None
+
+
+@dataclass
+class Trace:
+    events: list[AddEvent]
+    inputs: dict[str, WatchedInput]  # by module name, for the modules named in ``watch``
+
+
 class _ModuleStack:
     """Forward pre/post hooks on every module: the stack of running modules, and which module returned what."""
 
-    def __init__(self, model: nn.Module, oracle: _Oracle) -> None:
+    def __init__(self, model: nn.Module, oracle: _Oracle, watch: frozenset[str]) -> None:
         self.names: list[str] = []
         self.oracle = oracle
+        self.watch = watch
+        self.inputs: dict[str, WatchedInput] = {}
         self.handles = []
         for name, module in model.named_modules():
-            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._post(name), always_call=True))
 
     def _pre(self, name: str):
-        def pre(module: nn.Module, args: tuple) -> None:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.names.append(name)
+            if name in self.watch and name not in self.inputs:
+                x = next(_tensors((args, kwargs)), None)
+                if x is not None:
+                    keep = x.detach().clone() if self.oracle.keep else None
+                    self.inputs[name] = WatchedInput(self.oracle.plain_axis(x), tuple(x.shape), keep)
 
         return pre
 
@@ -531,7 +553,7 @@ class _Oracle(TorchDispatchMode):
             return [_reshaped(lay, x.shape, o.shape) for o in outs]
         if name == "expand":  # new leading axes; an expanded channel axis is no channel axis
             new = a + outs[0].ndim - nd
-            return [lay if outs[0].shape[new] == x.shape[a] and new == a else _moved(lay, new)]
+            return [_moved(lay, new) if outs[0].shape[new] == x.shape[a] else None]
         if name == "permute":
             dims = [_norm_dim(d, nd) for d in p["dims"]]
             return [_moved(lay, dims.index(a))]
@@ -605,24 +627,36 @@ class _Oracle(TorchDispatchMode):
         return None
 
 
+def trace(
+    model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, keep_tensors: bool = False,
+    watch: Iterable[str] = (),
+) -> Trace:
+    """Run ``model(*args, **kwargs)`` once (no_grad): every addition of two same-shape activations, and the first
+    input of each module named in ``watch`` (an SPP's stem point is the first block's input) with its proven
+    channel axis. ``keep_tensors=True`` keeps clones (``AddEvent.tensors``, ``WatchedInput.tensor``).
+    Every tensor in ``args``/``kwargs`` is an input."""
+    kwargs = kwargs or {}
+    oracle = _Oracle(keep_tensors)
+    for t in _tensors((args, kwargs)):
+        oracle.mark_input(t)
+    for p in model.parameters():
+        oracle.weights[p] = True
+    oracle.stack = _ModuleStack(model, oracle, frozenset(watch))
+    try:
+        with torch.no_grad(), oracle:
+            model(*args, **kwargs)
+    finally:
+        oracle.stack.remove()
+    return Trace(oracle.events, oracle.stack.inputs)
+
+
 def residual_adds(model: nn.Module, *args: Any, keep_tensors: bool = False, **kwargs: Any) -> list[AddEvent]:
     """Run ``model(*args, **kwargs)`` once (no_grad) and return every addition of two same-shape activations.
 
     ``keep_tensors=True`` keeps clones of both operands, the result, the pre-scale branch and the result after
     the unary ops that follow it (``AddEvent.tensors``). Every tensor in ``args``/``kwargs`` is an input.
     """
-    oracle = _Oracle(keep_tensors)
-    for t in _tensors((args, kwargs)):
-        oracle.mark_input(t)
-    for p in model.parameters():
-        oracle.weights[p] = True
-    oracle.stack = _ModuleStack(model, oracle)
-    try:
-        with torch.no_grad(), oracle:
-            model(*args, **kwargs)
-    finally:
-        oracle.stack.remove()
-    return oracle.events
+    return trace(model, args, kwargs, keep_tensors=keep_tensors).events
 
 
 def channel_stats(x: torch.Tensor, axis: int) -> tuple[float, float]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.oracle import AddEvent, channel_stats, residual_adds
+from tests.oracle import AddEvent, channel_stats, residual_adds, trace
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -417,3 +417,19 @@ def test_the_model_is_left_as_it_was():
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert model.training
+
+
+def test_watched_input_has_its_proven_axis():
+    """trace(watch=[block]) keeps the block's first input: the 1x1 conv stem's output, channels on axis 1,
+    equal to what the stem returned."""
+    model = ConvStem(ChannelsLastBranch(4), 4).eval()
+    seen, handles = _hook_outputs(model, ["stem"])
+    try:
+        traced = trace(model, (_seeded((2, 3, 4, 4)),), keep_tensors=True, watch=["block"])
+    finally:
+        for h in handles:
+            h.remove()
+    watched = traced.inputs["block"]
+    assert (watched.channel_axis, watched.shape) == (1, (2, 4, 4, 4))
+    assert torch.equal(watched.tensor, seen["stem"])
+    assert len(traced.events) == 1
