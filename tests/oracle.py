@@ -5,9 +5,11 @@ its channels lie. It is the ground truth of the zoo tests, so it imports torch a
 that sees every aten op after autograd's decompositions (``F.linear`` arrives as ``view, t, addmm, view``),
 with forward pre/post hooks on every module keeping the stack of running modules. It returns one ``AddEvent`` per
 addition of two *activations* of the *same shape* (``add.Tensor``, ``add_.Tensor``, and ``addcmul`` read as
-``input + t1 * t2``; a subtraction is no event: poolformer's ``pool(x) - x`` lies inside a branch). An activation is a value computed from the model's inputs: parameters, buffers, constants,
-factory outputs (``arange``, ``zeros``) and everything computed from them alone are not, so adding a position
-embedding, a relative position bias or an attention mask is never an event.
+``input + t1 * t2``; a subtraction is no event: poolformer's ``pool(x) - x`` lies inside a branch). An
+activation is a value computed from the model's inputs: parameters, buffers, constants, factory outputs
+(``arange``, ``zeros``) and everything computed from them alone are not, so adding a position embedding, a
+relative position bias or an attention mask is never an event. ``trace(model, args, watch=[...])`` returns the
+events and the first input of each watched module (the SPP's stem point) with its proven channel axis.
 
 What the oracle tracks per activation (a weak-keyed table, so nothing outlives its tensor):
 - ``anc``: the set of earlier values it was computed from (a bitmask of value ids; an in-place op makes a new
