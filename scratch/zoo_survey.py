@@ -319,18 +319,6 @@ def survey_one(zm, verbose: bool) -> Survey:
         t0 = time.perf_counter()
         model(x)
         sv.times["forward"] = time.perf_counter() - t0
-    try:
-        first_block = find_taps(model)[0].module
-    except SppError:
-        first_block = None
-    t0 = time.perf_counter()
-    traced = trace(model, (x,), keep_tensors=True, watch=[first_block] if first_block is not None else [])
-    sv.times["oracle"] = time.perf_counter() - t0
-    events = sv.events = traced.events
-    sv.adds_identity = sum(e.kind == "identity" for e in events)
-    sv.adds_parallel = sum(e.kind == "parallel" for e in events)
-    sv.adds_weightless = sum(e.kind == "weightless" for e in events)
-    sv.oracle_unknown_axis = sum(e.channel_axis is None for e in events if e.kind != "weightless")
     t0 = time.perf_counter()
     try:
         taps = find_taps(model)
@@ -338,6 +326,14 @@ def survey_one(zm, verbose: bool) -> Survey:
         sv.error = f"refused: {exc}"
         taps = []
     sv.times["discover"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    traced = trace(model, (x,), keep_tensors=True, watch=[taps[0].module] if taps else [])
+    sv.times["oracle"] = time.perf_counter() - t0
+    events = sv.events = traced.events
+    sv.adds_identity = sum(e.kind == "identity" for e in events)
+    sv.adds_parallel = sum(e.kind == "parallel" for e in events)
+    sv.adds_weightless = sum(e.kind == "weightless" for e in events)
+    sv.oracle_unknown_axis = sum(e.channel_axis is None for e in events if e.kind != "weightless")
     if taps:
         t0 = time.perf_counter()
         try:
