@@ -107,8 +107,7 @@ def list_blocks(cfg: RunConfig) -> list[Tap]:
 
     loaded = load_model(cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
                         checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_pickle)
-    return find_taps(loaded.model, blocks=list(cfg.blocks) or None, residual_tap=cfg.residual_tap,
-                     channel_dim=cfg.channel_dim)
+    return find_taps(loaded.model, blocks=list(cfg.blocks) or None, residual_tap=cfg.residual_tap)
 
 
 def list_models(pattern: str | None = None) -> list[tuple[str, str]]:

@@ -122,13 +122,12 @@ def find_taps(
     rules: Sequence[Rule] = DEFAULT_RULES,
     blocks: Sequence[str] | None = None,
     residual_tap: str | None = None,
-    channel_dim: int | None = None,
 ) -> list[Tap]:
     """The SPP's points: the stem (the first block's input), then every residual block in forward order.
 
     ``rules``: the discovery rules to try, in order (default ``DEFAULT_RULES``). ``blocks``: fnmatch patterns
-    naming the block modules instead; ``residual_tap``: the child of each block whose output is the branch;
-    ``channel_dim``: the channel axis of every tap.
+    naming the block modules instead; ``residual_tap``: the child of each block whose output is the branch.
+    Where each tensor's channels are is proven at record time (``spp.axes``), not here.
     """
     if isinstance(blocks, str):
         blocks = [blocks]
@@ -151,8 +150,7 @@ def find_taps(
     for t in taps:
         stage = stage_of.setdefault(_parent(t.module), len(stage_of) + 1)
         layer = layer_of.setdefault(t.module, len(layer_of) + 1)
-        dim = channel_dim if channel_dim is not None else t.channel_dim
-        staged.append(replace(t, stage=stage, layer=layer, channel_dim=dim))
+        staged.append(replace(t, stage=stage, layer=layer))
     first = staged[0]
     stem = Tap(
         name="stem",
@@ -161,7 +159,6 @@ def find_taps(
         output=Site(first.module, "input"),
         residual=None,
         rule="input of the first block",
-        channel_dim=first.channel_dim,
         expected_var=getattr(model, "spp_stem_expected_var", None),
         layer=0,
     )

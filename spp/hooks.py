@@ -11,6 +11,7 @@ Hooks keep no activation: each tap folds its tensor into per-channel moments (``
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
 import platform
@@ -24,7 +25,7 @@ from torch import nn
 from spp.discovery import DEFAULT_RULES, Rule, find_taps, stage_ends
 from spp.errors import SppError
 from spp.modelstate import Mode, ModelState, uses_batch_statistics
-from spp.moments import ChannelMoments, MergeItem, Workspace, batch_moments, channel_axis, merge_many, summarize
+from spp.moments import ChannelMoments, MergeItem, Workspace, batch_moments, merge_many, summarize
 from spp.records import Record
 from spp.schema import NAMES
 from spp.taps import Difference, Site, Tap
@@ -60,6 +61,78 @@ def _argument(module: nn.Module, arg: int | str) -> Callable[[tuple, dict], Any]
     return lambda args, kwargs: args[arg] if len(args) > arg else (kwargs.get(name) if name else None)
 
 
+OUTPUT, BRANCH, SHORTCUT = 0, 1, 2
+_ROLE_NAMES = {OUTPUT: "stream", BRANCH: "branch", SHORTCUT: "shortcut"}
+
+
+def parse_channel_dims(spec: int | str | Mapping[str, int] | Sequence[str] | None) -> list[tuple[str, int]]:
+    """``channel_dim`` as (fnmatch pattern on tap or block names, axis) pairs; a bare axis applies to every tap.
+
+    Accepts an int, a mapping ``{"stages.0.*": 1}``, or strings ``"stages.0.*=1"`` / ``"1"`` (repeatable
+    ``--channel-dim``). The last matching pattern wins.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, bool):
+        raise SppError(f"channel_dim must be an axis or PATTERN=AXIS, not {spec!r}")
+    if isinstance(spec, int):
+        return [("*", spec)]
+    items: list[tuple[str, object]]
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        texts = [spec] if isinstance(spec, str) else list(spec)
+        items = []
+        for text in texts:
+            if isinstance(text, int) and not isinstance(text, bool):
+                items.append(("*", text))
+                continue
+            if not isinstance(text, str):
+                raise SppError(f"--channel-dim must be AXIS or PATTERN=AXIS, not {text!r}")
+            before, eq, after = text.rpartition("=")
+            items.append(((before.strip() or "*") if eq else "*", after.strip()))
+    out = []
+    for key, given in items:
+        value: int | None = None
+        if isinstance(given, int) and not isinstance(given, bool):
+            value = given
+        elif isinstance(given, str) and given.lstrip("-").isdigit():
+            value = int(given)
+        if value is None or not -8 <= value < 8:
+            raise SppError(f"--channel-dim {key}={given}: the axis must be a whole number between -8 and 7")
+        out.append((str(key), value))
+    return out
+
+
+class _FirstForward:
+    """What the first forward of a recording collects to prove channel axes and check every tap's identity."""
+
+    def __init__(self, model: nn.Module, verify: bool) -> None:
+        from spp.provenance import Provenance
+
+        self.provenance = Provenance(model)
+        self.verify = verify
+        self.batch: int = 0  # samples in this micro-batch (to check on the first sample only)
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}  # (tap, role) -> first-sample copy, for the check
+        # (tap, role, the tensor itself, a copy, the shortcut a Difference branch subtracts): axis not yet proven.
+        # The tensor itself is held so that the layer that consumes it later in the forward is still known by it;
+        # the copy keeps the values it had here.
+        self.deferred: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.checked: set[int] = set()
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy of the first sample's part of ``x`` (all of it when the batch is not its leading axis)."""
+        n = x.shape[0] if x.ndim else 0
+        if self.batch > 1 and n and n % self.batch == 0:
+            return x[: n // self.batch].detach().clone()
+        return x.detach().clone()
+
+    def close(self) -> None:
+        self.provenance.close()
+        self.kept.clear()
+        self.deferred.clear()
+
+
 class SignalRecorder:
     """Context manager that hooks a model's residual blocks and streams their SPP statistics.
 
@@ -67,6 +140,11 @@ class SignalRecorder:
     sets it for the duration (``spp.modelstate``: "train" = batch statistics in normalisation layers, dropout off
     unless ``stochastic``) and restores flags, buffers and attributes on exit, also when the forward raises.
     Hooks are always removed on exit. ``snapshot()`` returns the Record so far; ``reset()`` starts a new one.
+
+    Trust: on the first forward, every tap's channel axis is proven from the layers that produced its tensors
+    (``spp.axes``; ``channel_dim`` overrides it per tap pattern) and, with ``verify``, the residual identity
+    ``output == act(shortcut + scale * branch)`` is checked on the first sample (``spp.verify``). A tap whose axis
+    stays unproven or whose identity fails is refused: its row holds NaN and says why, never a wrong number.
 
     Cost per hooked tensor: per-channel sums and sums of squares (CPU, where precise enough: ``channel_sums``) or
     an exact two-pass mean / M2 (``channel_stats``) on its device, no host sync, no autograd graph, no copy kept.
@@ -81,30 +159,40 @@ class SignalRecorder:
         rules: Sequence[Rule] = DEFAULT_RULES,
         blocks: Sequence[str] | None = None,
         residual_tap: str | None = None,
-        channel_dim: int | None = None,
+        channel_dim: int | str | Mapping[str, int] | Sequence[str] | None = None,
         taps: Sequence[Tap] | None = None,
         mode: Mode | None = None,
         stochastic: bool = False,
+        verify: bool | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SppError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
         self.taps: list[Tap] = list(taps) if taps is not None else find_taps(
-            model, rules=rules, blocks=blocks, residual_tap=residual_tap, channel_dim=channel_dim
+            model, rules=rules, blocks=blocks, residual_tap=residual_tap
         )
         self.settings = dict(settings or {})
+        self._overrides = parse_channel_dims(channel_dim)
+        self._verify = (mode is not None and not stochastic) if verify is None else bool(verify)
         self._state = ModelState(model, mode, stochastic=stochastic)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stash: dict[Site, torch.Tensor] = {}
         # (0 = output / 1 = residual, tap index, n, mean or Sums, m2 or None) per hooked tensor, for _flush
         self._pending: list[tuple[int, int, int, Any, torch.Tensor | None]] = []
         self._workspace = Workspace()  # memory the hooks reuse: no allocation of theirs outlives them
+        self._axes: dict[tuple[int, int], int] = {}
+        self._axis_source: dict[tuple[int, int], str] = {}
+        self._shapes: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._refused: dict[int, str] = {}
+        self._verdicts: dict[int, tuple[str, str]] = {}
+        self._first: _FirstForward | None = None
+        self._check_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.reset()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything recorded so far (the hooks stay)."""
+        """Forget everything recorded so far (the hooks, the proven axes and the verdicts stay)."""
         self._pending.clear()
         self._workspace.rewind()
         self._moments = ([ChannelMoments() for _ in self.taps], [ChannelMoments() for _ in self.taps])
@@ -137,9 +225,13 @@ class SignalRecorder:
 
     def close(self) -> None:
         """Remove every hook and restore the model; safe to call twice."""
-        for h in self._handles:
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+        for h in [*self._handles, *self._check_handles]:
             h.remove()
         self._handles.clear()
+        self._check_handles.clear()
         self._stash.clear()
         self._workspace.release()
         self._state.restore()
@@ -148,94 +240,296 @@ class SignalRecorder:
     def _register(self) -> None:
         modules = dict(self.model.named_modules())
         consumers: dict[Site, list[Consumer]] = {}
+        checks: dict[Site, list[Consumer]] = {}
 
-        def add(site: Site, fn: Consumer) -> None:
+        def add(site: Site, fn: Consumer, into: dict[Site, list[Consumer]] = consumers) -> None:
             if site.module not in modules:
                 raise SppError(f"tap site {site} names no module of {type(self.model).__name__}")
-            consumers.setdefault(site, []).append(fn)
+            into.setdefault(site, []).append(fn)
 
-        for i, tap in enumerate(self.taps):
-            add(tap.output, self._updater(0, i, tap.channel_dim))
-            if isinstance(tap.residual, Site):
-                branch_dim = tap.channel_dim if tap.residual_channel_dim is None else tap.residual_channel_dim
-                add(tap.residual, self._updater(1, i, branch_dim))
-            elif isinstance(tap.residual, Difference):
-                add(tap.residual.subtrahend, self._stasher(tap.residual.subtrahend))
-                add(tap.residual.minuend, self._differ(i, tap.residual.subtrahend, tap.channel_dim))
-
-        for site, fns in consumers.items():
-            module = modules[site.module]
-            if site.kind == "input":
-                hook = _pre_hook(fns, _argument(module, site.arg))
-                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(module.register_forward_hook(_post_hook(fns)))
+        # The batch counter first (it opens the first forward), the end-of-forward hook last.
         self._handles.append(self.model.register_forward_pre_hook(self._count_batch, with_kwargs=True))
+        for i, tap in enumerate(self.taps):
+            if isinstance(tap.residual, Difference):
+                add(tap.residual.subtrahend, self._stasher(tap.residual.subtrahend))
+            add(tap.output, self._consumer(i, OUTPUT))
+            if isinstance(tap.residual, Site):
+                add(tap.residual, self._consumer(i, BRANCH))
+                if tap.shortcut is not None and self._verify:
+                    add(tap.shortcut, self._consumer(i, SHORTCUT), checks)
+
+        for into, handles in ((consumers, self._handles), (checks, None)):
+            for site, fns in into.items():
+                module = modules[site.module]
+                if site.kind == "input":
+                    handle = module.register_forward_pre_hook(_pre_hook(fns, _argument(module, site.arg)),
+                                                              with_kwargs=True)
+                else:
+                    handle = module.register_forward_hook(_post_hook(fns))
+                (handles if handles is not None else self._check_handles).append(handle)
         self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
 
-    def _updater(self, which: int, i: int, channel_dim: int | None) -> Consumer:
-        pending, ws = self._pending, self._workspace
+    def _consumer(self, i: int, role: int) -> Consumer:
+        pending, ws, axes, refused = self._pending, self._workspace, self._axes, self._refused
+        tap = self.taps[i]
+        difference = tap.residual.subtrahend if isinstance(tap.residual, Difference) else None
 
-        def update(x: torch.Tensor) -> None:
-            pending.append((which, i, *batch_moments(x, channel_axis(x, channel_dim), ws)))
+        def consume(raw: torch.Tensor) -> None:
+            if i in refused:
+                return
+            axis = axes.get((i, role))
+            first = self._first
+            x = raw.detach()
+            if axis is None:
+                if first is None:
+                    return  # never proven: refused when the first forward ended
+                axis = self._establish(i, role, raw, first)
+                if axis is None:
+                    if difference is not None and role == OUTPUT:  # keep what the branch subtracts, for later
+                        first.deferred[-1] = (*first.deferred[-1][:4], self._stash.pop(difference, None))
+                    return
+            if role != SHORTCUT:
+                pending.append((role, i, *batch_moments(x, axis, ws)))
+            if difference is not None and role == OUTPUT:
+                shortcut = self._stash.pop(difference, None)
+                if shortcut is not None and shortcut.shape == x.shape:
+                    branch = x - shortcut
+                    axes.setdefault((i, BRANCH), axis)
+                    pending.append((BRANCH, i, *batch_moments(branch, axis, ws)))
+            if first is not None and self._verify:
+                first.kept[(i, role)] = first.keep(x)
+                if role == OUTPUT:
+                    self._check(i, first)
 
-        return update
+        return consume
 
     def _stasher(self, site: Site) -> Consumer:
         stash = self._stash
 
         def keep(x: torch.Tensor) -> None:
             # A copy: a block that adds in place (x += f(x)) would otherwise overwrite the shortcut we subtract.
-            stash[site] = x.clone()
+            stash[site] = x.detach().clone()
 
         return keep
 
-    def _differ(self, i: int, site: Site, channel_dim: int | None) -> Consumer:
-        stash, pending, ws = self._stash, self._pending, self._workspace
+    # ---- the first forward: axes proven, identities checked ------------------------------------------------------
+    def _override(self, i: int) -> int | None:
+        tap, axis = self.taps[i], None
+        for pattern, value in self._overrides:
+            if fnmatch.fnmatchcase(tap.name, pattern) or fnmatch.fnmatchcase(tap.module, pattern):
+                axis = value
+        return axis
 
-        def differ(x: torch.Tensor) -> None:
-            shortcut = stash.pop(site, None)
-            if shortcut is not None and shortcut.shape == x.shape:
-                branch = x - shortcut
-                pending.append((1, i, *batch_moments(branch, channel_axis(branch, channel_dim), ws)))
+    def _declared(self, i: int, role: int) -> int | None:
+        tap = self.taps[i]
+        if role == BRANCH and tap.residual_channel_dim is not None:
+            return tap.residual_channel_dim
+        return tap.channel_dim
 
-        return differ
+    def _establish(self, i: int, role: int, x: torch.Tensor, first: _FirstForward) -> int | None:
+        """The channel axis of ``x``, read at (tap ``i``, ``role``): proven now, or deferred to the forward's end."""
+        key, shape = (i, role), tuple(x.shape)
+        self._shapes[key] = shape
+        axis, source = self._prove(i, role, x, first, final=False)
+        if axis is None:
+            first.deferred.append((i, role, x, x.detach().clone(), None))
+            return None
+        self._axes[key], self._axis_source[key] = axis, source
+        return axis
+
+    def _prove(self, i: int, role: int, x: torch.Tensor, first: _FirstForward,
+               final: bool) -> tuple[int | None, str]:
+        """(axis, how it was proven) for ``x`` at (tap, role); (None, why not) when nothing proves it."""
+        from spp.axes import check_axis
+
+        tap, shape = self.taps[i], tuple(x.shape)
+        override = self._override(i)
+        if override is not None:
+            if not -x.ndim <= override < x.ndim:
+                raise SppError(f"--channel-dim {override} for {tap.name}: a tensor of shape {shape} has no axis "
+                               f"{override}")
+            return override % x.ndim, "--channel-dim"
+        site = self._site(i, role)
+        evidence = None
+        if site is not None:
+            evidence = first.provenance.evidence_of(x)  # the layer that made it (an input is an output too)
+            if evidence is None and site.arg == 0:
+                evidence = first.provenance.leaf_evidence(self.model.get_submodule(site.module), site.kind)
+        if evidence is None and final:
+            evidence = first.provenance.consumer_evidence(x)
+        if evidence is not None:
+            problem = check_axis(shape, evidence)
+            if problem is not None:
+                return None, problem
+            resolved = evidence.resolve(x.ndim)
+            return resolved, evidence.layer
+        linked = self._linked_axis(i, role, shape)
+        if linked is not None:
+            return linked
+        declared = self._declared(i, role)
+        if declared is not None and -x.ndim <= declared < x.ndim:
+            return declared % x.ndim, f"the rule ({tap.rule})"
+        return None, "no layer that produced or consumed it says which axis holds the channels"
+
+    def _linked_axis(self, i: int, role: int, shape: tuple[int, ...]) -> tuple[int, str] | None:
+        """The axis of a tensor this one is added to, or is the sum of, when the shapes agree (an elementwise
+        addition keeps the layout): the stream, its shortcut and its branch (unless read in another layout)."""
+        tap = self.taps[i]
+        partners = [OUTPUT, SHORTCUT] + ([BRANCH] if tap.residual_channel_dim is None else [])
+        if role == BRANCH and tap.residual_channel_dim is not None:
+            partners = []
+        if i == 0 and len(self.taps) > 1:  # the stem is the first block's input: its shortcut, in practice
+            candidates = [(1, OUTPUT), (1, SHORTCUT)]
+        else:
+            candidates = [(i, p) for p in partners if p != role]
+            if role in (OUTPUT, SHORTCUT) and i > 0:
+                candidates.append((i - 1, OUTPUT))  # the previous tap's stream feeds this block
+        for key in candidates:
+            if key in self._axes and self._shapes.get(key) == shape:
+                return self._axes[key], f"the same layout as the {_ROLE_NAMES[key[1]]} of {self.taps[key[0]].name}"
+        return None
+
+    def _site(self, i: int, role: int) -> Site | None:
+        tap = self.taps[i]
+        if role == OUTPUT:
+            return tap.output
+        if role == SHORTCUT:
+            return tap.shortcut
+        return tap.residual if isinstance(tap.residual, Site) else None
+
+    def _check(self, i: int, first: _FirstForward) -> None:
+        """The residual identity of tap ``i`` on its first-sample copies, once all three are in."""
+        if i in first.checked or self.taps[i].residual is None:
+            return
+        kept = first.kept
+        if not all((i, r) in kept for r in (OUTPUT, BRANCH, SHORTCUT)):
+            return
+        first.checked.add(i)
+        from spp.verify import check_residual
+
+        o, b, s = kept.pop((i, OUTPUT)), kept.pop((i, BRANCH)), kept.pop((i, SHORTCUT))
+        tap = self.taps[i]
+        if tap.post_activation not in ("", "relu"):
+            self._verdicts[i] = ("unchecked", f"{tap.post_activation} follows the addition")
+            return
+        result = check_residual(o, s, b, output_axis=self._axes[(i, OUTPUT)], branch_axis=self._axes[(i, BRANCH)],
+                                post_activation=tap.post_activation, compute_dtype=o.dtype)
+        if result.ok:
+            self._verdicts[i] = ("verified", result.detail)
+        else:
+            self._refuse(i, f"the residual identity fails on the first micro-batch: {result.detail}; the sites "
+                            f"{tap.output} / {tap.residual} / {tap.shortcut} are not this block's stream, branch "
+                            "and shortcut (name them with --blocks / --residual-tap, or add a rule)")
+
+    def _refuse(self, i: int, why: str) -> None:
+        self._refused.setdefault(i, why)
+        self._verdicts[i] = ("refused", self._refused[i])
+
+    def _finish_first(self) -> None:
+        """End of the first forward: prove deferred axes (from the layers that consumed the tensors), fold their
+        moments in, check the remaining identities, refuse what stays unproven."""
+        first = self._first
+        if first is None:
+            return
+        self._first = None
+        try:
+            for i, role, raw, x, subtrahend in first.deferred:
+                if i in self._refused:
+                    continue
+                axis, source = self._prove(i, role, raw, first, final=True)
+                if axis is None:
+                    hint = f"--channel-dim '{self.taps[i].name}=AXIS'"
+                    self._refuse(i, f"the channel axis of its {_ROLE_NAMES[role]} (shape {tuple(x.shape)}) is "
+                                    f"unproven: {source}; name it with {hint}")
+                    continue
+                self._axes[(i, role)], self._axis_source[(i, role)] = axis, source
+                if role != SHORTCUT:
+                    self._pending.append((role, i, *batch_moments(x, axis, self._workspace)))
+                if subtrahend is not None and subtrahend.shape == x.shape:
+                    self._axes.setdefault((i, BRANCH), axis)
+                    self._pending.append((BRANCH, i, *batch_moments(x - subtrahend, axis, self._workspace)))
+                if self._verify:
+                    first.kept[(i, role)] = first.keep(x)
+                    self._check(i, first)
+            for i, tap in enumerate(self.taps):
+                if i in self._refused or i in self._verdicts or tap.residual is None:
+                    continue
+                if (i, OUTPUT) not in self._axes:
+                    self._refuse(i, f"its stream site {tap.output} was never reached in the forward")
+                elif (i, BRANCH) not in self._axes:
+                    self._refuse(i, f"its branch site {tap.residual} was never reached in the forward")
+                elif isinstance(tap.residual, Difference):
+                    self._verdicts[i] = ("unchecked", "the branch is read as output - shortcut")
+                elif not self._verify:
+                    self._verdicts[i] = ("unchecked", "")
+                elif tap.shortcut is None:
+                    self._verdicts[i] = ("unchecked", "the rule names no shortcut site")
+                else:
+                    self._verdicts[i] = ("unchecked", f"its shortcut site {tap.shortcut} was never reached")
+            if self.taps and (0, OUTPUT) not in self._axes and 0 not in self._refused:
+                self._refuse(0, f"the stem site {self.taps[0].output} was never reached in the forward")
+        finally:
+            first.close()
+            for h in self._check_handles:
+                h.remove()
+            self._check_handles.clear()
 
     def _count_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if _in_backward() != -1:
             return  # a checkpointed model recomputed in backward: the same batch again
         x = _first_tensor(args) if args else _first_tensor(kwargs)
-        self.samples += int(x.shape[0]) if x is not None and x.ndim else 0
+        n = int(x.shape[0]) if x is not None and x.ndim else 0
+        if self.batches == 0 and self._first is None and not self._axes and not self._refused:
+            self._first = _FirstForward(self.model, self._verify)
+        if self._first is not None:
+            self._first.batch = n
+        self.samples += n
         self.batches += 1
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._stash.clear()
+        self._finish_first()
         self._flush()
 
     def _flush(self) -> None:
         """Merge the moments of every tensor hooked since the last flush, in the order they were seen."""
         if not self._pending:
             return
-        pending, lists = list(self._pending), self._moments
+        pending, lists, refused = list(self._pending), self._moments, self._refused
         self._pending.clear()
-        items: list[MergeItem] = [(lists[which][i], n, mean, m2) for which, i, n, mean, m2 in pending]
+        items: list[MergeItem] = [(lists[which][i], n, mean, m2) for which, i, n, mean, m2 in pending
+                                  if i not in refused]
         merge_many(items)
         self._workspace.rewind()  # the merged results were copied into the running moments
 
     # ---- results -----------------------------------------------------------------------------------------------
     def moments(self) -> list[tuple[ChannelMoments, ChannelMoments]]:
         """The raw per-channel moments, (output, residual) per tap, e.g. to merge across processes."""
+        self._finish_first()
         return list(zip(self.outputs, self.residuals, strict=True))
+
+    def verdicts(self) -> list[tuple[str, str]]:
+        """Per tap, (check, detail): "verified", "unchecked", "refused" (with why), or "-" for the stem."""
+        self._finish_first()
+        return [("-", "") if t.residual is None and i not in self._refused else self._verdicts.get(i, ("", ""))
+                for i, t in enumerate(self.taps)]
 
     def snapshot(self) -> Record:
         """The Record of everything seen since the last ``reset``; the moments move to the host once, here."""
+        verdicts = self.verdicts()
+        for i in self._refused:  # moments a refused tap gathered before its refusal are not shown
+            self._moments[0][i], self._moments[1][i] = ChannelMoments(), ChannelMoments()
         summaries = summarize([*self.outputs, *self.residuals])
         n = len(self.taps)
         rows = []
         for i, (tap, o, r) in enumerate(zip(self.taps, summaries[:n], summaries[n:], strict=True)):
+            check, detail = verdicts[i]
             note = tap.note
             if tap.residual is not None and r.count and r.avg_var == 0.0 and r.avg_sq_mean == 0.0:
                 note = note or "residual branch is exactly zero (zero-init gain?): a flat SPP is the truth here"
+            if check == "refused":
+                note = f"refused: {detail}" + (f"; {note}" if note else "")
+            shape = self._shapes.get((i, OUTPUT))
             row = {
                 "block": i,
                 "layer": tap.layer if tap.layer >= 0 else i,
@@ -249,6 +543,9 @@ class SignalRecorder:
                 "channels": o.channels,
                 "count": o.count,
                 "nonfinite": o.nonfinite_channels + r.nonfinite_channels,
+                "axis": self._axes.get((i, OUTPUT), -1),
+                "shape": "x".join(map(str, shape[1:])) if shape else "",
+                "check": check,
                 "module": tap.module,
                 "output_site": str(tap.output),
                 "residual_site": str(tap.residual) if tap.residual is not None else "",
@@ -278,13 +575,13 @@ _in_backward = getattr(torch._C, "_current_graph_task_id", _graph_task_id)
 
 
 def _pre_hook(fns: list[Consumer], read: Callable[[tuple, dict], Any] | None = None) -> Callable[..., None]:
-    """A forward pre-hook handing one input argument (detached) to every consumer of its site."""
+    """A forward pre-hook handing one input argument to every consumer of its site (which detach it: the tensor
+    itself is passed, so that the first forward can trace it back to the layer that made it)."""
     read = read or (lambda args, kwargs: args[0] if args else _first_tensor(kwargs))
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = read(args, kwargs)
         if isinstance(x, torch.Tensor) and _in_backward() == -1:
-            x = x.detach()
             for f in fns:
                 f(x)
 
@@ -292,21 +589,20 @@ def _pre_hook(fns: list[Consumer], read: Callable[[tuple, dict], Any] | None = N
 
 
 def _post_hook(fns: list[Consumer]) -> Callable[..., None]:
-    """A forward hook handing the module's output (its first tensor, detached) to every consumer of its site."""
+    """A forward hook handing the module's output (its first tensor) to every consumer of its site."""
     if len(fns) == 1:
         fn = fns[0]
 
         def hook1(module: nn.Module, args: tuple, output: Any) -> None:
             x = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if x is not None and _in_backward() == -1:
-                fn(x.detach())
+                fn(x)
 
         return hook1
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         x = output if isinstance(output, torch.Tensor) else _first_tensor(output)
         if x is not None and _in_backward() == -1:
-            x = x.detach()
             for f in fns:
                 f(x)
 
@@ -356,8 +652,9 @@ def record(
     rules: Sequence[Rule] = DEFAULT_RULES,
     blocks: Sequence[str] | None = None,
     residual_tap: str | None = None,
-    channel_dim: int | None = None,
+    channel_dim: int | str | Mapping[str, int] | Sequence[str] | None = None,
     taps: Sequence[Tap] | None = None,
+    verify: bool = True,
     settings: dict[str, Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
     distributed: bool = False,
@@ -372,6 +669,10 @@ def record(
     micro-batches equal those over their concatenation wherever the model has no batch-dependent layers.
     ``on_batch(samples_in_batch)`` is called after each micro-batch (progress bars).
 
+    ``channel_dim``: the channel axis where spp cannot prove it (an int for every tap, or ``{"pattern": axis}`` /
+    ``"pattern=axis"`` per tap name). ``verify``: check every tap's residual identity on the first micro-batch and
+    refuse the taps where it fails (see ``SignalRecorder``).
+
     ``distributed=True``: every rank of the initialised default process group calls ``record`` with its own
     micro-batches (possibly none); the moments are merged across ranks (``spp.distributed.merge_moments``) and
     every rank returns the Record over all ranks' samples.
@@ -379,7 +680,8 @@ def record(
     batches = _micro_batches(inputs)
     recorder = SignalRecorder(
         model, rules=rules, blocks=blocks, residual_tap=residual_tap, channel_dim=channel_dim, taps=taps, mode=mode,
-        stochastic=stochastic, settings={"mode": mode, "stochastic": bool(stochastic), **(settings or {})},
+        stochastic=stochastic, verify=verify and not stochastic,
+        settings={"mode": mode, "stochastic": bool(stochastic), **(settings or {})},
     )
     batch_stats = mode == "train" and any(uses_batch_statistics(m) for m in model.modules())
     with recorder, torch.no_grad():

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-FORMAT_VERSION = 2  # 2: layer, branch, stream columns (1 had none of them; they read as defaults)
+FORMAT_VERSION = 2  # 2: layer, branch, stream, axis, shape, check columns (1 lacks them: they read as defaults)
 
 Kind = Literal["float", "int", "str"]
 
@@ -51,6 +51,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("channels", "int", "channel count at this tap"),
     Column("count", "int", "values per channel behind the statistics (N x H x W, or N x L, summed over micro-batches)"),
     Column("nonfinite", "int", "channels whose output or branch statistics are NaN or infinite"),
+    Column("axis", "int", "the stream tensor's channel axis, as proven from the layers around it (-1: unproven)",
+           default=-1),
+    Column("shape", "str", "the stream tensor's shape per sample, e.g. 64x32x32", default=""),
+    Column("check", "str", "the residual identity output == act(shortcut + scale * branch) on the first "
+           "micro-batch: verified, unchecked (with why in note), refused (no numbers), '-' for the stem",
+           default=""),
     Column("module", "str", "qualified name of the block module"),
     Column("output_site", "str", "where the residual stream was read (module:output or module:input)"),
     Column("residual_site", "str", "where the residual branch was read ('' for the stem)"),

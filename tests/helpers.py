@@ -152,8 +152,10 @@ def check_recorder_reads_the_same(model: nn.Module, taps, values, x) -> None:
     """The recorder's statistics at every tap equal the direct ones on the tensors our own hooks captured."""
     rec = hooks.record(model, x, mode="eval", taps=taps)
     for tap, row in zip(taps, rec.rows, strict=True):
+        assert row["check"] != "refused", (tap.name, row["note"])  # the recorder's own residual check agrees
         out = values[tap.output]
-        axis = tap.channel_dim if tap.channel_dim is not None else (-1 if out.ndim == 3 else 1)
+        declared = tap.channel_dim if tap.residual is not None else taps[1].channel_dim  # the stem: block 1's layout
+        axis = declared if declared is not None else (-1 if out.ndim == 3 else 1)
         _, var = direct_stats(out, axis)
         assert math.isclose(row["avg_var"], var, rel_tol=1e-6), (tap.name, row["avg_var"], var)
         if tap.residual is not None:

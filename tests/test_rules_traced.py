@@ -104,7 +104,9 @@ def test_fallback_two_additions_on_tokens():
         "blocks.1.mlp",
     ]
     assert taps[1].output == Site("blocks.0.norm2", "input") and taps[2].output == Site("blocks.0")
-    assert all(t.channel_dim == -1 for t in taps) and taps[1].rule.endswith("channels last")
+    assert all(t.channel_dim is None for t in taps)  # the fallback guesses no axis: the recorder proves it
+    rec = hooks.record(model, x, mode="eval", taps=taps)
+    assert [r["axis"] for r in rec.rows] == [2] * 5 and all(r["check"] != "refused" for r in rec.rows)
     values = capture_sites(model, tap_sites(taps), x)
     for tap in blocks(taps):
         shortcut = Site(tap.module, "input") if tap.name.endswith("attn") else Site(f"{tap.module}.norm2", "input")
@@ -137,9 +139,10 @@ def test_fallback_agrees_with_the_family_rules(source, name):
     specific = find_taps(model)
     traced = find_taps(model, rules=[r for r in discovery.DEFAULT_RULES if r.name in ("spp", "fallback (traced add)")])
     assert all(t.rule.startswith("fallback (traced add)") for t in blocks(traced))
-    assert [(t.module, t.output, t.residual, t.channel_dim) for t in traced] == [
-        (t.module, t.output, t.residual, t.channel_dim) for t in specific
-    ]
+    assert [(t.module, t.output, t.residual) for t in traced] == [(t.module, t.output, t.residual) for t in specific]
+    x = image() if source == "tv" else image(size=32)
+    proven = [[r["axis"] for r in hooks.record(model, x, mode="eval", taps=taps).rows] for taps in (traced, specific)]
+    assert proven[0] == proven[1] and -1 not in proven[0]
 
 
 def test_fallback_finds_blocks_of_unknown_families():

@@ -49,6 +49,7 @@ def make_tap(
     shortcut: Site | None = None,
     branch: str = "",
     stream: str = "",
+    post_activation: str = "",
 ) -> Tap:
     """A tap of block ``name``: read at the block's output unless ``output`` says otherwise; stage set later."""
     return Tap(
@@ -63,4 +64,5 @@ def make_tap(
         shortcut=shortcut,
         branch=branch,
         stream=stream,
+        post_activation=post_activation,
     )

@@ -13,8 +13,9 @@ returns it, walking back through drop paths, layer-scale modules and products wi
 the scaling); failing that, as output - shortcut (after the scaling, and only when no activation follows the add).
 Proving the add in the graph is what makes the guess safe: a module is never claimed because its name or its
 children look residual. Modules that cannot be traced (shape-dependent control flow, say) are not claimed;
-``--blocks`` and ``--residual-tap`` name them instead. Channels are taken as last (``channel_dim=-1``) when the
-input or a sum feeds an ``nn.Linear`` or an ``nn.LayerNorm`` directly.
+``--blocks`` and ``--residual-tap`` name them instead. The rule says nothing of channel axes: the recorder proves
+them from the layers around each tensor. A ReLU after the last addition is named (``post_activation``) so the
+recorder can check ``output == relu(shortcut + branch)``; any other op there leaves the tap unchecked.
 """
 
 from __future__ import annotations
@@ -227,32 +228,39 @@ class _Residuals:
                 return Site(rel(self.name, str(user.target)), "input")
         return None
 
-    def channels_last(self, steps: list[_Step]) -> bool:
-        """Whether the stream (input, sums) feeds a Linear or a plain LayerNorm: channels on the last axis."""
-        for value in (self.x, *(s.add for s in steps)):
-            if value is None:
-                continue
-            for user in value.users:
-                mod = self.modules.get(str(user.target)) if user.op == "call_module" else None
-                if isinstance(mod, (nn.Linear, nn.LayerNorm)) and not type(mod).__name__.endswith("2d"):
-                    return True
-        return False
+    def activation_after(self, after: list[fx.Node]) -> str:
+        """"relu" when the only op after the last addition is a ReLU; "" when there is none; else its name (the
+        residual identity cannot be checked through it)."""
+        if not after:
+            return ""
+        if len(after) == 1:
+            node = after[0]
+            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, nn.ReLU) or _op_name(node) in ("relu", "relu_"):
+                return "relu"
+            inner = getattr(module, "graph", None)  # an exported module that is one relu op
+            if isinstance(inner, fx.Graph):
+                ops = [_op_name(n) for n in inner.nodes if n.op == "call_function"]
+                if ops in (["relu"], ["relu_"]):
+                    return "relu"
+        return " then ".join(self.kind(n) or _op_name(n) for n in reversed(after))
 
     def taps(self) -> list[Tap] | None:
         outputs = [n for n in self.nodes if n.op == "output"]
         if self.x is None or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
             return None
         node, post = outputs[0].args[0], 0
+        after: list[fx.Node] = []
         while _op_name(node) not in _ADD:  # single-input ops after the last add (an activation, a reshape)
             args = _node_args(node)
             if post >= 8 or node.op not in ("call_module", "call_function", "call_method") or len(args) != 1:
                 return None
+            after.append(node)
             node, post = args[0], post + 1
         steps = self.chain(node)
         if not steps:
             return None
-        channel_dim = -1 if self.channels_last(steps) else None
-        layout = ", channels last" if channel_dim == -1 else ""
+        post_activation = self.activation_after(after)
         found: list[tuple[str, Site, Site | Difference, str, Site | None]] = []
         for i, step in enumerate(steps):
             last = i == len(steps) - 1
@@ -271,7 +279,7 @@ class _Residuals:
                         target,
                         output,
                         Site(rel(self.name, target)),
-                        f"fallback (traced add): branch = {target}{before}{layout}",
+                        f"fallback (traced add): branch = {target}{before}",
                         shortcut,
                     )
                 )
@@ -280,13 +288,13 @@ class _Residuals:
             inplace_on_shortcut = _op_name(step.add) in _INPLACE_ADD and step.add.args[0] is step.shortcut
             if exact and shortcut is not None and not inplace_on_shortcut:
                 what = "input" if shortcut.kind == "input" and shortcut.module == self.name else str(shortcut)
-                after = " (after its scaling)" if scaled else ""
+                scaling = " (after its scaling)" if scaled else ""
                 found.append(
                     (
                         f"add{i}",
                         output,
                         Difference(output, shortcut),
-                        f"fallback (traced add): output - {what}{after}{layout}",
+                        f"fallback (traced add): output - {what}{scaling}",
                         shortcut,
                     )
                 )
@@ -300,8 +308,8 @@ class _Residuals:
                 label,
                 output=output,
                 suffix="" if single else f".{key.split('.')[-1]}",
-                channel_dim=channel_dim,
                 shortcut=shortcut,
+                post_activation=post_activation if output == Site(self.name) else "",
             )
             for key, output, residual, label, shortcut in found
         ]
