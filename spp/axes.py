@@ -52,6 +52,20 @@ _ACTIVATIONS = tuple(
                      "LogSigmoid", "Threshold", "RReLU")
     if isinstance(cls := getattr(nn, name, None), type)
 )
+# Third-party norms whose forward is known to normalise one axis, by the qualified name of the forward they run
+# (a subclass that does not override it runs the same code): channels last, or on axis 1 of NCHW.
+_TIMM_NORM = "timm.layers.norm"
+_TIMM_NORM_ACT = "timm.layers.norm_act"
+_KNOWN_NORM_FORWARDS: dict[str, int] = {
+    **{f"{_TIMM_NORM}.{c}.forward": -1 for c in ("LayerNorm", "LayerNormFp32", "RmsNorm", "RmsNormFp32", "SimpleNorm",
+                                                  "SimpleNormFp32")},
+    **{f"{_TIMM_NORM}.{c}.forward": 1 for c in ("LayerNorm2d", "LayerNorm2dFp32", "LayerNormExp2d", "RmsNorm2d",
+                                                 "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32")},
+    **{f"{_TIMM_NORM_ACT}.{c}.forward": -1 for c in ("LayerNormAct", "LayerNormActFp32", "RmsNormAct",
+                                                      "RmsNormActFp32")},
+    **{f"{_TIMM_NORM_ACT}.{c}.forward": 1 for c in ("LayerNormAct2d", "LayerNormAct2dFp32", "RmsNormAct2d",
+                                                     "RmsNormAct2dFp32", "FrozenBatchNormAct2d")},
+}
 # Third-party layers whose semantics are known, by qualified class name (nothing imported).
 _KNOWN_LINEAR_LAST = {"transformers.pytorch_utils.Conv1D": "nf"}  # GPT-2's x @ W + b, W of shape (in, out)
 _KNOWN_PASS_THROUGH = {"timm.layers.drop.DropPath", "torchvision.ops.stochastic_depth.StochasticDepth",
@@ -98,6 +112,11 @@ def layer_evidence(module: nn.Module, role: Role, name: str = "") -> Evidence | 
         if len(shape) == 1:
             return Evidence(-1, int(shape[0]), f"{where} (normalized_shape {shape})")
         return None  # normalised over (C, H, W) or more: the channel axis is not singled out
+    known = _known_norm(module)
+    if known is not None:
+        axis, channels = known
+        return Evidence(axis, channels, f"{where} (normalises {'the last axis' if axis < 0 else 'axis 1'} of "
+                                        f"{channels})")
     if isinstance(module, _NORM_C):  # F.batch_norm / F.instance_norm normalise axis 1, whatever a subclass adds
         return Evidence(1, int(module.num_features), f"{where} (num_features {module.num_features})")
     if isinstance(module, nn.GroupNorm):  # F.group_norm groups axis 1
@@ -184,6 +203,25 @@ def _graph_evidence(module: nn.Module, graph: object, role: Role, where: str) ->
             node = node.args[0]
             continue
         return read(node, "output")
+    return None
+
+
+def _known_norm(module: nn.Module) -> tuple[int, int] | None:
+    """(axis, channels) for a third-party norm whose forward is known (timm's norms; HF's ``*RMSNorm``, which all
+    normalise the hidden states' last axis)."""
+    forward = type(module).forward
+    axis = _KNOWN_NORM_FORWARDS.get(f"{forward.__module__}.{forward.__qualname__}")
+    cls = type(module)
+    if axis is None and cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm"):
+        axis = -1
+    if axis is None:
+        return None
+    shape = getattr(module, "normalized_shape", None)
+    weight = getattr(module, "weight", None)
+    if isinstance(shape, (tuple, list)) and len(shape) == 1:
+        return axis, int(shape[0])
+    if weight is not None and getattr(weight, "ndim", 0) == 1:
+        return axis, int(weight.shape[0])
     return None
 
 

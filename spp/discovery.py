@@ -93,16 +93,36 @@ def _by_patterns(model: nn.Module, patterns: Sequence[str], rules: Sequence[Rule
 
 
 def _by_rules(model: nn.Module, rules: Sequence[Rule]) -> list[Tap]:
+    """Every module a rule claims, outermost first; inside a claimed block its descendants are searched too
+    (nested residual additions, e.g. a token mixer that adds its own residual), and their taps come before the
+    block's own (a block's sub-modules run before its final addition)."""
     taps: list[Tap] = []
-    claimed: list[str] = []
+    claimed: list[tuple[str, int]] = []  # (block, index of its first tap in ``taps``)
     for name, module in model.named_modules():
-        if any(name.startswith(c + ".") for c in claimed):
-            continue
         found = _apply(rules, name, module)
-        if found:
+        if not found:
+            continue
+        outer = next(((c, at) for c, at in reversed(claimed) if name.startswith(c + ".")), None)
+        if outer is None:
+            claimed.append((name, len(taps)))
             taps.extend(found)
-            claimed.append(name)
+            continue
+        if any(name.startswith(f"{t.module}.") and _site_module(t) == name for t in taps):
+            continue  # the outer rule reads this module as a branch: its own adds are inside that branch
+        nested = [replace(t, note=_joined(t.note, f"nested in {outer[0]}")) for t in found]
+        at = outer[1]
+        taps[at:at] = nested
+        claimed.append((name, at))
+        claimed[:] = [(c, i + len(nested) if i >= at and c != name else i) for c, i in claimed]
     return taps
+
+
+def _site_module(tap: Tap) -> str:
+    return tap.residual.module if isinstance(tap.residual, Site) else ""
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def _with_residual_tap(model: nn.Module, taps: list[Tap], child: str) -> list[Tap]:
@@ -147,8 +167,10 @@ def find_taps(
     stage_of: dict[str, int] = {}
     layer_of: dict[str, int] = {}
     staged = []
+    blocks = {t.module for t in taps}
     for t in taps:
-        stage = stage_of.setdefault(_parent(t.module), len(stage_of) + 1)
+        outermost = min((b for b in blocks if t.module.startswith(f"{b}.")), key=len, default=t.module)
+        stage = stage_of.setdefault(_parent(outermost), len(stage_of) + 1)  # a nested block: its host's stage
         layer = layer_of.setdefault(t.module, len(layer_of) + 1)
         staged.append(replace(t, stage=stage, layer=layer))
     first = staged[0]

@@ -11,11 +11,13 @@ Hooks keep no activation: each tap folds its tensor into per-channel moments (``
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import math
 import platform
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -118,6 +120,9 @@ class _FirstForward:
         # The tensor itself is held so that the layer that consumes it later in the forward is still known by it;
         # the copy keeps the values it had here.
         self.deferred: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        # id(tensor) -> (the tensor, weakly; its proven axis; at which tap and role): a tensor read at two sites
+        # (a block's output is the next block's input) has one layout
+        self.by_tensor: dict[int, tuple[Any, int, str]] = {}
         self.checked: set[int] = set()
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +193,19 @@ class SignalRecorder:
         self._verdicts: dict[int, tuple[str, str]] = {}
         self._first: _FirstForward | None = None
         self._check_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._scales: dict[int, torch.Tensor] = {}
+        for i, tap in enumerate(self.taps):
+            if tap.refusal:
+                self._refuse(i, tap.refusal)
+            elif tap.residual_scale:
+                scale = _scale_value(model, tap.residual_scale)
+                if scale is None:
+                    self._refuse(i, f"its branch scale {tap.residual_scale} is not a tensor of the model")
+                elif bool((scale == 0).any()):
+                    self._refuse(i, f"its branch scale {tap.residual_scale} holds zeros: the branch before the "
+                                    "scale cannot be recovered from output - shortcut")
+                else:
+                    self._scales[i] = scale.detach()
         self.reset()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -255,8 +273,9 @@ class SignalRecorder:
             add(tap.output, self._consumer(i, OUTPUT))
             if isinstance(tap.residual, Site):
                 add(tap.residual, self._consumer(i, BRANCH))
-                if tap.shortcut is not None and self._verify:
-                    add(tap.shortcut, self._consumer(i, SHORTCUT), checks)
+            shortcut = tap.residual.subtrahend if isinstance(tap.residual, Difference) else tap.shortcut
+            if shortcut is not None and tap.residual is not None:  # the first forward only: axes and the check
+                add(shortcut, self._consumer(i, SHORTCUT), checks)
 
         for into, handles in ((consumers, self._handles), (checks, None)):
             for site, fns in into.items():
@@ -293,15 +312,19 @@ class SignalRecorder:
             if difference is not None and role == OUTPUT:
                 shortcut = self._stash.pop(difference, None)
                 if shortcut is not None and shortcut.shape == x.shape:
-                    branch = x - shortcut
                     axes.setdefault((i, BRANCH), axis)
-                    pending.append((BRANCH, i, *batch_moments(branch, axis, ws)))
-            if first is not None and self._verify:
+                    pending.append((BRANCH, i, *batch_moments(self._unscaled(i, x - shortcut), axis, ws)))
+            if first is not None and self._verify and isinstance(tap.residual, Site):
                 first.kept[(i, role)] = first.keep(x)
                 if role == OUTPUT:
                     self._check(i, first)
 
         return consume
+
+    def _unscaled(self, i: int, difference: torch.Tensor) -> torch.Tensor:
+        """output - shortcut, divided by the branch's scale where the rule named it (a per-channel factor)."""
+        scale = self._scales.get(i)
+        return difference if scale is None else difference / scale.to(difference.device, difference.dtype)
 
     def _stasher(self, site: Site) -> Consumer:
         stash = self._stash
@@ -335,7 +358,12 @@ class SignalRecorder:
             first.deferred.append((i, role, x, x.detach().clone(), None))
             return None
         self._axes[key], self._axis_source[key] = axis, source
+        self._remember(x, axis, i, role, first)
         return axis
+
+    def _remember(self, x: torch.Tensor, axis: int, i: int, role: int, first: _FirstForward) -> None:
+        with contextlib.suppress(TypeError):  # a tensor without weak references is simply not remembered
+            first.by_tensor[id(x)] = (weakref.ref(x), axis, f"the {_ROLE_NAMES[role]} of {self.taps[i].name}")
 
     def _prove(self, i: int, role: int, x: torch.Tensor, first: _FirstForward,
                final: bool) -> tuple[int | None, str]:
@@ -349,6 +377,15 @@ class SignalRecorder:
                 raise SppError(f"--channel-dim {override} for {tap.name}: a tensor of shape {shape} has no axis "
                                f"{override}")
             return override % x.ndim, "--channel-dim"
+        if role == BRANCH and tap.residual_transforms:
+            # The branch is read before transposes / permutes: its channel axis is the stream's, mapped back.
+            stream = self._axes.get((i, OUTPUT))
+            if stream is None:
+                return None, "the stream's axis, which its channel axis follows, is not proven yet"
+            mapped = _through_transforms(stream, tap.residual_transforms, x.ndim)
+            if mapped is None:
+                return None, f"its layout ops {tap.residual_transforms} do not map the stream's axis {stream}"
+            return mapped, f"the stream's axis {stream} through {tap.residual_transforms}"
         site = self._site(i, role)
         evidence = None
         if site is not None:
@@ -363,6 +400,9 @@ class SignalRecorder:
                 return None, problem
             resolved = evidence.resolve(x.ndim)
             return resolved, evidence.layer
+        same = first.by_tensor.get(id(x))
+        if same is not None and same[0]() is x:
+            return same[1], f"the same tensor as {same[2]}"
         linked = self._linked_axis(i, role, shape)
         if linked is not None:
             return linked
@@ -372,18 +412,15 @@ class SignalRecorder:
         return None, "no layer that produced or consumed it says which axis holds the channels"
 
     def _linked_axis(self, i: int, role: int, shape: tuple[int, ...]) -> tuple[int, str] | None:
-        """The axis of a tensor this one is added to, or is the sum of, when the shapes agree (an elementwise
-        addition keeps the layout): the stream, its shortcut and its branch (unless read in another layout)."""
+        """The axis of a tensor of the same tap this one is added to, or is the sum of, when the shapes agree (an
+        elementwise addition keeps the layout): the stream, its shortcut and its branch (unless the rule reads the
+        branch in another layout). Taps are not linked to each other by shape: a permute between blocks can keep
+        the shape (H = W = C) and change the layout; only the same tensor links them (``by_tensor``)."""
         tap = self.taps[i]
         partners = [OUTPUT, SHORTCUT] + ([BRANCH] if tap.residual_channel_dim is None else [])
         if role == BRANCH and tap.residual_channel_dim is not None:
             partners = []
-        if i == 0 and len(self.taps) > 1:  # the stem is the first block's input: its shortcut, in practice
-            candidates = [(1, OUTPUT), (1, SHORTCUT)]
-        else:
-            candidates = [(i, p) for p in partners if p != role]
-            if role in (OUTPUT, SHORTCUT) and i > 0:
-                candidates.append((i - 1, OUTPUT))  # the previous tap's stream feeds this block
+        candidates = [(i, p) for p in partners if p != role] if tap.residual is not None else []
         for key in candidates:
             if key in self._axes and self._shapes.get(key) == shape:
                 return self._axes[key], f"the same layout as the {_ROLE_NAMES[key[1]]} of {self.taps[key[0]].name}"
@@ -433,24 +470,21 @@ class SignalRecorder:
             return
         self._first = None
         try:
-            for i, role, raw, x, subtrahend in first.deferred:
+            waiting = list(first.deferred)
+            while waiting:  # one proof can make another (a stream proven later, then its branch)
+                proven = [d for d in waiting if self._prove(d[0], d[1], d[2], first, final=True)[0] is not None]
+                if not proven:
+                    break
+                waiting = [d for d in waiting if d not in proven]
+                for d in proven:
+                    self._fold_deferred(first, *d)
+            for i, role, raw, x, _ in waiting:
                 if i in self._refused:
                     continue
-                axis, source = self._prove(i, role, raw, first, final=True)
-                if axis is None:
-                    hint = f"--channel-dim '{self.taps[i].name}=AXIS'"
-                    self._refuse(i, f"the channel axis of its {_ROLE_NAMES[role]} (shape {tuple(x.shape)}) is "
-                                    f"unproven: {source}; name it with {hint}")
-                    continue
-                self._axes[(i, role)], self._axis_source[(i, role)] = axis, source
-                if role != SHORTCUT:
-                    self._pending.append((role, i, *batch_moments(x, axis, self._workspace)))
-                if subtrahend is not None and subtrahend.shape == x.shape:
-                    self._axes.setdefault((i, BRANCH), axis)
-                    self._pending.append((BRANCH, i, *batch_moments(x - subtrahend, axis, self._workspace)))
-                if self._verify:
-                    first.kept[(i, role)] = first.keep(x)
-                    self._check(i, first)
+                _, source = self._prove(i, role, raw, first, final=True)
+                hint = f"--channel-dim '{self.taps[i].name}=AXIS'"
+                self._refuse(i, f"the channel axis of its {_ROLE_NAMES[role]} (shape {tuple(x.shape)}) is "
+                                f"unproven: {source}; name it with {hint}")
             for i, tap in enumerate(self.taps):
                 if i in self._refused or i in self._verdicts or tap.residual is None:
                     continue
@@ -473,6 +507,25 @@ class SignalRecorder:
             for h in self._check_handles:
                 h.remove()
             self._check_handles.clear()
+
+    def _fold_deferred(self, first: _FirstForward, i: int, role: int, raw: torch.Tensor, x: torch.Tensor,
+                       subtrahend: torch.Tensor | None) -> None:
+        """A deferred tensor whose axis is now proven: its moments (and a Difference branch's) fold in."""
+        if i in self._refused:
+            return
+        axis, source = self._prove(i, role, raw, first, final=True)
+        assert axis is not None
+        self._axes[(i, role)], self._axis_source[(i, role)] = axis, source
+        self._remember(raw, axis, i, role, first)
+        if role != SHORTCUT:
+            self._pending.append((role, i, *batch_moments(x, axis, self._workspace)))
+        if subtrahend is not None and subtrahend.shape == x.shape:
+            self._axes.setdefault((i, BRANCH), axis)
+            branch = self._unscaled(i, x - subtrahend)
+            self._pending.append((BRANCH, i, *batch_moments(branch, axis, self._workspace)))
+        if self._verify and isinstance(self.taps[i].residual, Site):
+            first.kept[(i, role)] = first.keep(x)
+            self._check(i, first)
 
     def _count_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if _in_backward() != -1:
@@ -564,6 +617,31 @@ class SignalRecorder:
             **self.settings,
         }
         return Record(rows=rows, stage_ends=stage_ends(self.taps), settings=settings)
+
+
+def _scale_value(model: nn.Module, spec: str) -> torch.Tensor | None:
+    """A branch scale a rule named: a number, or the dotted name of a tensor of the model."""
+    try:
+        return torch.tensor(float(spec))
+    except ValueError:
+        pass
+    value: Any = model
+    for part in spec.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _through_transforms(axis: int, transforms: Sequence[tuple[str, tuple[int, ...]]], ndim: int) -> int | None:
+    """The source tensor's axis that becomes ``axis`` of ``transforms`` applied to it (transposes, permutes)."""
+    for name, dims in reversed(transforms):
+        if name == "transpose" and len(dims) == 2:
+            a, b = (d % ndim for d in dims)
+            axis = b if axis == a else a if axis == b else axis
+        elif name == "permute" and len(dims) == ndim:
+            axis = dims[axis] % ndim
+        else:
+            return None
+    return axis
 
 
 def _graph_task_id() -> int:

@@ -71,4 +71,10 @@ class Tap:
     branch: str = ""
     stream: str = ""
     post_activation: str = ""  # an activation applied after the addition (post-activation ResNets: "relu")
+    # How the tensor read at ``residual`` becomes the added branch when only layout ops lie between them:
+    # (("transpose", (1, 2)),) means added = residual.transpose(1, 2); the branch's channel axis follows.
+    residual_transforms: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # A Difference branch is (output - shortcut) / the parameter named here (a per-channel scale undone exactly).
+    residual_scale: str = ""
+    refusal: str = ""  # a rule that found a block it cannot read correctly says why; the recorder refuses the tap
     layer: int = -1  # the block's number (0 = stem); the taps of one block share it; set by find_taps

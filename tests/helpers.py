@@ -107,7 +107,8 @@ def capture_sites(model: nn.Module, sites: Iterable[Site], *args, **kwargs) -> d
 
 def residual_value(tap: Tap, values: dict[Site, torch.Tensor]) -> torch.Tensor:
     if isinstance(tap.residual, Difference):
-        return values[tap.residual.minuend] - values[tap.residual.subtrahend]
+        difference = values[tap.residual.minuend] - values[tap.residual.subtrahend]
+        return difference / float(tap.residual_scale) if tap.residual_scale else difference
     assert tap.residual is not None
     return values[tap.residual]
 

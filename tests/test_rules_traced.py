@@ -49,7 +49,9 @@ from tests.toys import (
     [
         (PreActToy(), "blocks.0.branch", "fallback (traced add): branch = branch"),
         (PostActProjToy(), "blocks.0.bn", "fallback (traced add): branch = bn"),
-        (FunctionalToy(), None, "fallback (traced add): output - input (after its scaling)"),
+        # x + 0.5 * relu(conv(x)): no module returns relu(conv(x)), so it is read as (output - input) / 0.5:
+        # the branch before its scale, exactly (never the scaled branch under the branch's name)
+        (FunctionalToy(), None, "fallback (traced add): output - input, divided by 0.5 (before its scaling)"),
     ],
 )
 def test_fallback_on_conv_toys(block, site, label):
@@ -61,8 +63,8 @@ def test_fallback_on_conv_toys(block, site, label):
     values = capture_sites(model, tap_sites(taps), x)
     inp = values[Site("blocks.0", "input")]
     if site is None:
-        assert tap.residual == Difference(Site("blocks.0"), Site("blocks.0", "input"))
-        expected_branch = 0.5 * F.relu(block.conv(inp))
+        assert tap.residual == Difference(Site("blocks.0"), Site("blocks.0", "input")) and tap.residual_scale == "0.5"
+        expected_branch = F.relu(block.conv(inp))
     else:
         assert tap.residual == Site(site)
         expected_branch = dict(model.named_modules())[site](
@@ -87,7 +89,7 @@ def test_difference_survives_an_in_place_add():
     assert taps[1].residual == Difference(Site("blocks.0"), Site("blocks.0", "input"))
     x = image(size=8, chans=4)
     with torch.no_grad():
-        branch = 0.5 * F.relu(model.blocks[0].conv(model.stem(x)))
+        branch = F.relu(model.blocks[0].conv(model.stem(x)))  # before its 0.5
     rec = hooks.record(model, x, mode="eval", taps=taps)
     assert math.isclose(rec.rows[1]["res_avg_var"], direct_stats(branch, 1)[1], rel_tol=1e-5)
 

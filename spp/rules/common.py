@@ -50,6 +50,9 @@ def make_tap(
     branch: str = "",
     stream: str = "",
     post_activation: str = "",
+    residual_transforms: tuple[tuple[str, tuple[int, ...]], ...] = (),
+    residual_scale: str = "",
+    refusal: str = "",
 ) -> Tap:
     """A tap of block ``name``: read at the block's output unless ``output`` says otherwise; stage set later."""
     return Tap(
@@ -65,4 +68,7 @@ def make_tap(
         branch=branch,
         stream=stream,
         post_activation=post_activation,
+        residual_transforms=residual_transforms,
+        residual_scale=residual_scale,
+        refusal=refusal,
     )

@@ -25,6 +25,7 @@ import inspect
 import re
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -50,6 +51,7 @@ _DROP = re.compile(r"^(Dropout\d?d?|AlphaDropout|DropPath|DropBlock\d?d?|Stochas
 _SCALE = re.compile(r"^(LayerScale\d?d?|Scale)$")
 _BRANCH_NAME = re.compile(r"drop|(^|\.)ls\d*$|layer_?scale|gamma")
 _SHORTCUT_NAME = re.compile(r"downsample|shortcut|skip|proj|identity|res")
+_NORM_CLASS = re.compile(r"Norm")  # LayerNorm, RMSNorm, BatchNorm2d, GroupNorm, timm's LayerNorm2d, HF's *RMSNorm
 
 
 def _op_name(node: fx.Node) -> str:
@@ -63,7 +65,24 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    """The nodes ``node`` reads, inside lists and tuples too (``torch.cat([a, b])``)."""
+    out: list[fx.Node] = []
+    stack = [*node.args, *node.kwargs.values()]
+    while stack:
+        a = stack.pop(0)
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            stack[:0] = list(a)
+    return out
+
+
+def _data_args(node: fx.Node) -> list[fx.Node]:
+    """The tensors a node computes from: for a reshape-like op only its first argument (the others are sizes,
+    often read off ``x.shape``)."""
+    if _op_name(node) in _SHAPE and node.args and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return _node_args(node)
 
 
 def _graph_of(module: nn.Module) -> fx.Graph | None:
@@ -81,16 +100,31 @@ def _graph_of(module: nn.Module) -> fx.Graph | None:
         return None
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return None
-    concrete = {
-        p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty and p.kind != p.VAR_KEYWORD
-    }
-    try:
-        # Tracing runs the forward's Python code (a counter, a cache): put back whatever it touched.
-        with warnings.catch_warnings(), untouched(module):
-            warnings.simplefilter("ignore")
-            return _OneLevelTracer().trace(module, concrete_args=concrete or None)
-    except Exception:  # failing to trace only means "not provably residual"
-        return None
+    defaults = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty
+                and p.kind != p.VAR_KEYWORD}
+    # First with arguments that default to None left open (``forward(x, shortcut=None)``: a caller may pass the
+    # tensor the block adds to), then with every default fixed (code that branches on them).
+    attempts = [{k: v for k, v in defaults.items() if v is not None}, defaults]
+    for concrete in attempts if attempts[0] != attempts[1] else attempts[1:]:
+        try:
+            # Tracing runs the forward's Python code (a counter, a cache): put back whatever it touched.
+            with warnings.catch_warnings(), untouched(module):
+                warnings.simplefilter("ignore")
+                return _OneLevelTracer().trace(module, concrete_args=concrete or None)
+        except Exception:  # failing to trace only means "not provably residual"
+            continue
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where a branch can be read: ``node``; whether a scale lies between it and the addition (and the parameter
+    that is the scale, when it is exactly one), and the layout ops between them (source to added)."""
+
+    node: fx.Node
+    scaled: bool
+    scale: str
+    transforms: tuple[tuple[str, tuple[int, ...]], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +144,7 @@ class _Residuals:
         self.nodes = list(graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.x = placeholders[0] if placeholders else None
+        self.arguments = {n: i for i, n in enumerate(placeholders)}  # a block may add into any of them
         self.modules = dict(module.named_modules())
         self.calls = Counter(str(n.target) for n in self.nodes if n.op == "call_module")
         self._ancestors: dict[fx.Node, set[fx.Node]] = {}
@@ -120,7 +155,7 @@ class _Residuals:
             seen: set[fx.Node] = set()
             stack = [node]
             while stack:
-                for a in _node_args(stack.pop()):
+                for a in _data_args(stack.pop()):
                     if a not in seen:
                         seen.add(a)
                         stack.append(a)
@@ -128,7 +163,8 @@ class _Residuals:
         return self._ancestors[node]
 
     def depends(self, node: fx.Node) -> bool:
-        return node is self.x or self.x in self.ancestors(node)
+        """Whether ``node`` is computed from the block's tensor arguments (not from parameters alone)."""
+        return node in self.arguments or any(a in self.arguments for a in self.ancestors(node))
 
     def kind(self, node: fx.Node) -> str:
         return type(self.modules.get(str(node.target))).__name__ if node.op == "call_module" else ""
@@ -137,15 +173,18 @@ class _Residuals:
         return node.op == "call_module" and self.calls[str(node.target)] == 1
 
     def passthrough(self, node: fx.Node) -> fx.Node | None:
-        """The input of a shortcut-preserving step: a reshape-like op or an Identity module (one not named
-        like a branch wrapper: ``drop_path`` or ``ls1`` are Identity when disabled, yet mark the branch)."""
-        args = _node_args(node)
+        """The input of a shortcut-preserving step: a reshape-like op (its sizes may come from ``x.shape``), an
+        Identity module (one not named like a branch wrapper: ``drop_path`` or ``ls1`` are Identity when disabled,
+        yet mark the branch), or a scale module on the shortcut (MetaFormer's ``res_scale``)."""
+        args = _data_args(node)
         if len(args) != 1:
             return None
         if _op_name(node) in _SHAPE:
             return args[0]
         if node.op == "call_module" and self.kind(node) == "Identity":
             return None if _BRANCH_NAME.search(str(node.target)) else args[0]
+        if node.op == "call_module" and _SCALE.match(self.kind(node)) and "res" in str(node.target).lower():
+            return args[0]
         return None
 
     def named_shortcut(self, node: fx.Node) -> bool:
@@ -158,14 +197,14 @@ class _Residuals:
         return lb > ls or (lb == ls and self.named_shortcut(s) and not self.named_shortcut(b))
 
     def is_projection(self, node: fx.Node) -> bool:
-        """Whether a shortcut is a module's output (a guess by path length) rather than the input or a sum."""
+        """Whether a shortcut is a module's output (a guess by path length) rather than an argument or a sum."""
         while (inner := self.passthrough(node)) is not None:
             node = inner
-        return node is not self.x and _op_name(node) not in _ADD
+        return node not in self.arguments and _op_name(node) not in _ADD
 
     # the chain of additions
     def chain(self, node: fx.Node, depth: int = 0) -> list[_Step] | None:
-        if node is self.x:
+        if node in self.arguments:
             return []
         if depth > 64:
             return None
@@ -177,11 +216,12 @@ class _Residuals:
             for s, b in ((ops[0], ops[1]), (ops[1], ops[0])):
                 if not self.depends(b):
                     continue  # e.g. x + a learned embedding: not a residual addition
-                if s is not self.x and not self.longer_branch(s, b):
+                if s not in self.arguments and not self.longer_branch(s, b):
                     continue
                 sub = self.chain(s, depth + 1)
                 if sub is not None:
-                    rank = (0 if s is self.x else 1 if sub else 2, len(self.ancestors(s)), not self.named_shortcut(s))
+                    rank = (0 if s in self.arguments else 1 if sub else 2, len(self.ancestors(s)),
+                            not self.named_shortcut(s))
                     options.append((rank, sub, s, b))
             if not options:
                 return None
@@ -190,21 +230,62 @@ class _Residuals:
         inner = self.passthrough(node)
         if inner is not None:
             return self.chain(inner, depth + 1)
+        normed = self.post_norm_input(node)
+        if normed is not None:  # LN(x + f(x)) feeds the next addition: a post-norm block adds twice
+            return self.chain(normed, depth + 1)
         if node.op == "call_module" and self.depends(node) and not _DROP.match(self.kind(node)):
             return []  # a projection shortcut computed from the input
         return None
 
-    def branch_source(self, node: fx.Node) -> tuple[fx.Node, bool]:
-        """Walk back from an added branch through drops, layer scales and products with input-free factors."""
-        scaled = False
-        for _ in range(16):
+    def post_norm_input(self, node: fx.Node) -> fx.Node | None:
+        """The addition a norm module normalises, when ``node`` is such a norm called once (a post-norm block)."""
+        if node.op != "call_module" or not self.once(node) or not _NORM_CLASS.search(self.kind(node)):
+            return None
+        args = _data_args(node)
+        return args[0] if len(args) == 1 and _op_name(args[0]) in _ADD else None
+
+    def stream_note(self, add: fx.Node) -> str:
+        """What a post-norm tap's stream holds: the norm's input, i.e. the sum before the norm."""
+        for user in add.users:
+            if self.post_norm_input(user) is add:
+                return f"{self.kind(user)} input (post-norm: the sum before the norm)"
+        return ""
+
+    def branch_source(self, node: fx.Node) -> _Source:
+        """Walk back from an added branch through drops, layer scales, products with input-free factors and
+        transposes / permutes, to the value a module returns (read there: before the scaling)."""
+        scaled, scale = False, ""
+        transforms: list[tuple[str, tuple[int, ...]]] = []
+        for _ in range(24):
             args = _node_args(node)
+            name = _op_name(node)
             if node.op == "call_module" and (_DROP.match(self.kind(node)) or self.kind(node) == "Identity") and args:
                 node = args[0]
             elif node.op == "call_module" and _SCALE.match(self.kind(node)) and args:
+                module = self.modules.get(str(node.target))
+                param = next((n for n in ("gamma", "weight", "scale") if isinstance(getattr(module, n, None),
+                                                                                  torch.Tensor)), "")
+                if not scaled and not transforms and param:
+                    scale = f"{node.target}.{param}"
                 node, scaled = args[0], True
-            elif _op_name(node) in _MUL and sum(self.depends(a) for a in args) == 1:
+            elif name in _MUL and sum(self.depends(a) for a in args) == 1:
+                factor = next((a for a in args if not self.depends(a)), None)
+                numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+                if not scaled and not transforms:
+                    if factor is not None and factor.op == "get_attr":
+                        scale = str(factor.target)
+                    elif factor is None and len(numbers) == 1 and len(node.args) == 2:
+                        scale = repr(float(numbers[0]))  # a constant factor, e.g. 0.5 * f(x)
                 node, scaled = next(a for a in args if self.depends(a)), True
+            elif name in ("transpose", "permute", "contiguous") and node.args and isinstance(node.args[0], fx.Node):
+                dims = tuple(a for a in node.args[1:] if isinstance(a, int))
+                if name == "permute" and len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+                    dims = tuple(int(d) for d in node.args[1])
+                if name != "contiguous":
+                    if not dims or (name == "transpose" and len(dims) != 2):
+                        break
+                    transforms.insert(0, (name, dims))
+                node = node.args[0]
             elif (
                 _op_name(node) == "getitem"
                 and len(node.args) == 2
@@ -215,12 +296,12 @@ class _Residuals:
                 node = node.args[0]  # module returning a tuple: the recorder reads its first tensor
             else:
                 break
-        return node, scaled
+        return _Source(node, scaled, scale if scaled else "", tuple(transforms))
 
     def site(self, node: fx.Node) -> Site | None:
         """A site holding exactly ``node``'s value: the input, a module called once, or a consumer's input."""
-        if node is self.x:
-            return Site(self.name, "input")
+        if node in self.arguments:
+            return Site(self.name, "input", self.arguments[node])
         if self.once(node):
             return Site(rel(self.name, str(node.target)))
         for user in node.users:
@@ -252,7 +333,7 @@ class _Residuals:
         node, post = outputs[0].args[0], 0
         after: list[fx.Node] = []
         while _op_name(node) not in _ADD:  # single-input ops after the last add (an activation, a reshape)
-            args = _node_args(node)
+            args = _data_args(node)
             if post >= 8 or node.op not in ("call_module", "call_function", "call_method") or len(args) != 1:
                 return None
             after.append(node)
@@ -260,59 +341,69 @@ class _Residuals:
         steps = self.chain(node)
         if not steps:
             return None
+        if after and self.post_norm_input(after[-1]) is node:
+            after = []  # LN(x + f(x)) ends the block: the stream is read at the norm's input, before it
+            last_output = self.site(node)
+        else:
+            last_output = Site(self.name)
         post_activation = self.activation_after(after)
-        found: list[tuple[str, Site, Site | Difference, str, Site | None]] = []
+        found: list[dict[str, Any]] = []
         for i, step in enumerate(steps):
             last = i == len(steps) - 1
             shortcut = self.site(step.shortcut)
-            output = Site(self.name) if last else self.site(step.add)
+            output = last_output if last else self.site(step.add)
             if output is None or (not last and output.kind != "input"):
                 continue  # an intermediate sum no hook can read
-            source, scaled = self.branch_source(step.branch)
+            stream = self.stream_note(step.add)
+            src = self.branch_source(step.branch)
+            source = src.node
             if self.is_projection(step.shortcut) and not self.once(source):
                 continue  # module vs computed value: which one is the skip is a guess; do not claim it
             if self.once(source) and source is not step.shortcut:
                 target = str(source.target)
-                before = " (before its scaling)" if scaled else ""
-                found.append(
-                    (
-                        target,
-                        output,
-                        Site(rel(self.name, target)),
-                        f"fallback (traced add): branch = {target}{before}",
-                        shortcut,
-                    )
-                )
+                before = " (before its scaling)" if src.scaled else ""
+                layout = f", then {self.describe(src.transforms)}" if src.transforms else ""
+                found.append({"key": target, "output": output, "residual": Site(rel(self.name, target)),
+                              "label": f"fallback (traced add): branch = {target}{layout}{before}",
+                              "shortcut": shortcut, "residual_transforms": src.transforms, "stream": stream})
                 continue
             exact = not (last and post)  # after a final activation, output - shortcut is not the branch
             inplace_on_shortcut = _op_name(step.add) in _INPLACE_ADD and step.add.args[0] is step.shortcut
             if exact and shortcut is not None and not inplace_on_shortcut:
                 what = "input" if shortcut.kind == "input" and shortcut.module == self.name else str(shortcut)
-                scaling = " (after its scaling)" if scaled else ""
-                found.append(
-                    (
-                        f"add{i}",
-                        output,
-                        Difference(output, shortcut),
-                        f"fallback (traced add): output - {what}{scaling}",
-                        shortcut,
-                    )
-                )
+                entry = {"key": f"add{i}", "output": output, "residual": Difference(output, shortcut),
+                         "label": f"fallback (traced add): output - {what}", "shortcut": shortcut, "stream": stream}
+                if src.scaled and src.scale:
+                    entry["label"] = f"{entry['label']}, divided by {src.scale} (before its scaling)"
+                    numeric = src.scale.replace(".", "", 1).lstrip("-").isdigit()
+                    entry["residual_scale"] = src.scale if numeric else rel(self.name, src.scale)
+                elif src.scaled:
+                    entry["refusal"] = ("its branch is scaled by a factor spp cannot undo, and no module returns the "
+                                        "branch before the scale: output - shortcut would be the scaled branch")
+                found.append(entry)
         if not found:
             return None
         single = len(found) == 1
         return [
             make_tap(
                 self.name,
-                residual,
-                label,
-                output=output,
-                suffix="" if single else f".{key.split('.')[-1]}",
-                shortcut=shortcut,
-                post_activation=post_activation if output == Site(self.name) else "",
+                f["residual"],
+                f["label"],
+                output=f["output"],
+                suffix="" if single else f".{f['key'].split('.')[-1]}",
+                shortcut=f["shortcut"],
+                post_activation=post_activation if f["output"] == Site(self.name) else "",
+                stream=f.get("stream", ""),
+                residual_transforms=f.get("residual_transforms", ()),
+                residual_scale=f.get("residual_scale", ""),
+                refusal=f.get("refusal", ""),
             )
-            for key, output, residual, label, shortcut in found
+            for f in found
         ]
+
+    @staticmethod
+    def describe(transforms: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
+        return ", ".join(f"{name}{dims}" for name, dims in transforms)
 
 
 def traced_residual(name: str, module: nn.Module) -> list[Tap] | None:
