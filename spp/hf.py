@@ -336,9 +336,7 @@ def load_hf(
         else:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-            raise SppError(
-                f"hf:{base} is no model type{close_matches(base, list(CONFIG_MAPPING))}, folder or hub id"
-            )
+            raise SppError(f"hf:{base} is no model type{close_matches(base, list(CONFIG_MAPPING))}, folder or hub id")
     model.eval()
     return model, name, info
 
@@ -381,7 +379,13 @@ def _from_folder(
 
 
 def _pretrained(
-    cls: Any, source: str, config: Any, spp_options: dict[str, Any], *, use_safetensors: bool | None, local_only: bool,
+    cls: Any,
+    source: str,
+    config: Any,
+    spp_options: dict[str, Any],
+    *,
+    use_safetensors: bool | None,
+    local_only: bool,
     where: str,
 ) -> Any:
     kwargs: dict[str, Any] = {

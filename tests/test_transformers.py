@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 
 import pytest
@@ -176,16 +175,32 @@ SEQUENTIAL = [
     ("roberta", SMALL, 2, {"attn": "attention.output.dense", "mlp": "output.dense"}),
     ("distilbert", {"n_layers": 2, "dim": 64, "n_heads": 4, "hidden_dim": 128}, 2, {"attn": "attention", "mlp": "ffn"}),
     ("gemma2", {**GQA, "head_dim": 16}, 2, {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}),
-    ("gemma3_text", {**GQA, "head_dim": 16}, 2, {"attn": "post_attention_layernorm",
-                                                    "mlp": "post_feedforward_layernorm"}),
+    (
+        "gemma3_text",
+        {**GQA, "head_dim": 16},
+        2,
+        {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
+    ),
     ("opt", {**SMALL, "ffn_dim": 128, "word_embed_proj_dim": 64}, 2, {"attn": "self_attn", "mlp": "fc2"}),
-    ("opt", {**SMALL, "ffn_dim": 128, "word_embed_proj_dim": 64, "do_layer_norm_before": False}, 2,
-     {"attn": "self_attn", "mlp": "fc2"}),
-    ("bloom", {"n_layer": 2, "hidden_size": 64, "n_head": 4}, 2,
-     {"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    (
+        "opt",
+        {**SMALL, "ffn_dim": 128, "word_embed_proj_dim": 64, "do_layer_norm_before": False},
+        2,
+        {"attn": "self_attn", "mlp": "fc2"},
+    ),
+    (
+        "bloom",
+        {"n_layer": 2, "hidden_size": 64, "n_head": 4},
+        2,
+        {"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"},
+    ),
     ("gpt_neox", {**SMALL, "use_parallel_residual": False}, 2, {"attn": "attention", "mlp": "mlp"}),
-    ("falcon", {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "parallel_attn": False}, 2,
-     {"attn": "self_attention", "mlp": "mlp"}),
+    (
+        "falcon",
+        {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "parallel_attn": False},
+        2,
+        {"attn": "self_attention", "mlp": "mlp"},
+    ),
 ]
 
 
@@ -234,12 +249,20 @@ def test_t5_encoder_and_decoder_sublayers():
 def test_encoder_decoder_cross_attention_bart():
     """BART's decoder layer runs cross-attention only when encoder states are passed (BartModel always does):
     the rule takes that path and says so; post-norm: the streams are the LayerNorm inputs."""
-    model = build("bart", encoder_layers=2, decoder_layers=2, d_model=64, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+    model = build(
+        "bart",
+        encoder_layers=2,
+        decoder_layers=2,
+        d_model=64,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+    )
     taps = claim(model)
     assert [t.branch for t in taps] == ["attn", "mlp"] * 2 + ["attn", "cross_attn", "mlp"] * 2
     cross = taps[5]
-    assert "encoder_hidden_states is not None" in cross.note
+    assert "`encoder_hidden_states is not None`" in cross.note
     assert cross.output == Site("decoder.layers.0.encoder_attn_layer_norm", "input")
     assert_sums(taps, capture(model, sites_of(taps), model_inputs(model, token_ids())))
 
@@ -283,8 +306,9 @@ def test_parallel_layers_read_attn_plus_mlp_as_output_minus_input(model_type, ov
 
 def test_albert_is_refused():
     """ALBERT runs one layer's weights at every depth: a hook would merge all depths into one point."""
-    model = build("albert", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                  embedding_size=32)
+    model = build(
+        "albert", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, embedding_size=32
+    )
     with pytest.raises(SppError, match="shares its layer weights across depth"):
         claim(model)
 
@@ -333,13 +357,15 @@ class _Pair(nn.Module):
 
 @pytest.mark.parametrize(
     ("layer", "message"),
-    [(_ConditionalBranch(), "run only when `flag is not None and self.training`"),
-     (_UnreadableSum(), "held by no module input or output")],
+    [
+        (_ConditionalBranch(), "run only when `flag is not None and self.training`"),
+        (_UnreadableSum(), "held by no module input or output"),
+    ],
     ids=["conditional-branch", "unreadable-sum"],
 )
 def test_residual_layers_spp_cannot_read_are_refused(layer, message):
     """A layer proven residual whose taps would be a guess is refused with the reason and the --blocks way out."""
-    with pytest.raises(SppError, match="--blocks 'layers.\\*'") as info:
+    with pytest.raises(SppError, match=r"--blocks 'layers\.\*'") as info:
         claim(_Pair(layer))
     assert message in str(info.value)
 
@@ -378,8 +404,10 @@ STATS = [
     ("bert", lambda: small("bert")),
     ("gemma2", lambda: build("gemma2", **GQA, head_dim=16)),
     ("gpt_neox-parallel", lambda: small("gpt_neox", use_parallel_residual=True)),
-    ("t5", lambda: _Seq2Seq(build("t5", num_layers=2, num_decoder_layers=2, d_model=64, d_ff=128, num_heads=4,
-                                  d_kv=16))),
+    (
+        "t5",
+        lambda: _Seq2Seq(build("t5", num_layers=2, num_decoder_layers=2, d_model=64, d_ff=128, num_heads=4, d_kv=16)),
+    ),
 ]
 
 
@@ -429,7 +457,7 @@ def test_token_input_batches_are_reproducible_per_micro_batch():
     source = TokenInput(vocab_size=VOCAB, seq_len=16, num_samples=10, batch_size=4, seed=3)
     everything = list(source.batches())
     assert [b.shape for b in everything] == [(4, 16), (4, 16), (2, 16)]
-    assert torch.equal(list(source.batches([2]))[0], everything[2])
+    assert torch.equal(next(iter(source.batches([2]))), everything[2])
     ids = torch.cat(everything)
     assert ids.dtype == torch.long and int(ids.min()) >= 0 and int(ids.max()) < VOCAB
     assert not torch.equal(everything[0], everything[1])
@@ -530,10 +558,11 @@ def test_text_input_uses_the_models_own_tokenizer(tmp_path):
     words = ("the cat sat on the mat " * 3).split()  # 18 words: two windows of 8, 2 left over
     text = tmp_path / "corpus.txt"
     text.write_text(" ".join(words), encoding="utf-8")
-    model, _name, info = load_hf(str(folder))
+    _model, _name, info = load_hf(str(folder))
     assert info.tokenizer == str(folder)
-    source = TextInput.from_file(str(text), tokenizer=info.tokenizer, vocab_size=info.vocab_size, seq_len=8,
-                                 batch_size=1)
+    source = TextInput.from_file(
+        str(text), tokenizer=info.tokenizer, vocab_size=info.vocab_size, seq_len=8, batch_size=1
+    )
     expected = torch.tensor([vocab[w] for w in words[:16]]).reshape(2, 8)
     assert torch.equal(torch.cat(list(source.batches())), expected)
     assert source.describe()["tokens_in_file"] == 18
@@ -544,10 +573,11 @@ def test_text_input_uses_the_models_own_tokenizer(tmp_path):
 def test_text_input_without_a_tokenizer_says_what_to_do(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("some words", encoding="utf-8")
-    _model, _name, info = load_hf("llama?num_hidden_layers=1,hidden_size=32,intermediate_size=64,"
-                                  "num_attention_heads=2,vocab_size=96")
+    _model, _name, info = load_hf(
+        "llama?num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2,vocab_size=96"
+    )
     assert info.tokenizer is None
-    with pytest.raises(SppError, match="needs the model's tokenizer.*--input tokens"):
+    with pytest.raises(SppError, match=r"needs the model's tokenizer.*--input tokens"):
         TextInput.from_file(str(text), tokenizer=info.tokenizer, vocab_size=info.vocab_size, seq_len=4)
 
 
@@ -561,9 +591,19 @@ def test_model_type_with_overrides_builds_offline():
     assert name == "hf:gpt2?n_layer=2,n_embd=64,n_head=4,vocab_size=96,resid_pdrop=0.0"
     assert type(model).__name__ == "GPT2Model" and not model.training
     assert model.config.n_layer == 2 and model.config.resid_pdrop == 0.0 and len(model.h) == 2
-    assert info == HFInfo(model_type="gpt2", model_class="GPT2Model", source="config", pretrained=False,
-                          vocab_size=96, hidden_size=64, num_layers=2, max_positions=1024, is_encoder_decoder=False,
-                          main_input_name="input_ids", tokenizer=None)
+    assert info == HFInfo(
+        model_type="gpt2",
+        model_class="GPT2Model",
+        source="config",
+        pretrained=False,
+        vocab_size=96,
+        hidden_size=64,
+        num_layers=2,
+        max_positions=1024,
+        is_encoder_decoder=False,
+        main_input_name="input_ids",
+        tokenizer=None,
+    )
 
 
 def test_info_max_positions_and_encoder_decoder():
@@ -578,11 +618,15 @@ def test_info_max_positions_and_encoder_decoder():
 
 
 def test_model_class_option():
-    model, _, info = load_hf("llama?class=causal-lm,num_hidden_layers=1,hidden_size=32,intermediate_size=64,"
-                             "num_attention_heads=2,vocab_size=96")
+    model, _, info = load_hf(
+        "llama?class=causal-lm,num_hidden_layers=1,hidden_size=32,intermediate_size=64,"
+        "num_attention_heads=2,vocab_size=96"
+    )
     assert type(model).__name__ == "LlamaForCausalLM" and info.model_class == "LlamaForCausalLM"
-    model, _, _ = load_hf("llama?class=LlamaForSequenceClassification,num_hidden_layers=1,hidden_size=32,"
-                          "intermediate_size=64,num_attention_heads=2,vocab_size=96")
+    model, _, _ = load_hf(
+        "llama?class=LlamaForSequenceClassification,num_hidden_layers=1,hidden_size=32,"
+        "intermediate_size=64,num_attention_heads=2,vocab_size=96"
+    )
     assert type(model).__name__ == "LlamaForSequenceClassification"
 
 
@@ -612,8 +656,9 @@ def test_folder_round_trip_loads_weights_only_when_pretrained(tmp_path):
     """save_pretrained then hf:FOLDER: with --pretrained the state_dict is the saved one (safetensors); without,
     the architecture only, randomly initialised."""
     torch.manual_seed(0)
-    model, _, _ = load_hf("llama?num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2,"
-                          "vocab_size=96")
+    model, _, _ = load_hf(
+        "llama?num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2,vocab_size=96"
+    )
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded, name, info = load_hf(str(tmp_path), pretrained=True)
@@ -626,7 +671,7 @@ def test_folder_round_trip_loads_weights_only_when_pretrained(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(SppError, match="holds no config.json"):
+    with pytest.raises(SppError, match=r"holds no config\.json"):
         load_hf(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(SppError, match="never runs such code"):
@@ -657,4 +702,13 @@ def test_without_transformers_the_error_says_how_to_install(monkeypatch):
 
 def test_option_values_are_parsed_strictly():
     assert [parse_value(v) for v in ("8", "-3", "1e-5", "0.5", "true", "False", "none", "'8'", "silu")] == [
-        8, -3, 1e-5, 0.5, True, False, None, "8", "silu"]
+        8,
+        -3,
+        1e-5,
+        0.5,
+        True,
+        False,
+        None,
+        "8",
+        "silu",
+    ]

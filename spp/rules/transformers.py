@@ -51,7 +51,7 @@ _DROP = re.compile(r"drop(out|_?path)|stochasticdepth", re.IGNORECASE)
 _LAYER_SCALE = re.compile(r"layer_?scale", re.IGNORECASE)
 _CROSS = re.compile(r"cross|encdec|enc_dec|encoder_attn", re.IGNORECASE)
 _ATTN = re.compile(r"attn|attention", re.IGNORECASE)
-_MIXER = re.compile(r"mixer|ssm|mamba", re.IGNORECASE)
+_MIXER = re.compile(r"mixer|ssm|mamba|temporal|lstm|recurren", re.IGNORECASE)
 _RESHAPE_METHODS = {"view", "reshape", "contiguous", "view_as", "reshape_as"}
 _CAST_METHODS = {"to", "type", "type_as", "float", "half", "bfloat16", "clone", "detach"}
 _META_METHODS = {"size", "dim", "numel", "get_device", "is_contiguous", "stride", "element_size"}
@@ -219,6 +219,8 @@ def _returns_tuple(fn: Callable) -> bool:
             return True
         if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
             return is_tuple(expr.left, depth)
+        if isinstance(expr, ast.IfExp):
+            return is_tuple(expr.body, depth) and is_tuple(expr.orelse, depth)
         if isinstance(expr, ast.Name) and depth < 4:
             values = [v for v in assigned.get(expr.id, []) if not extends(v, expr.id)]
             return bool(values) and all(is_tuple(v, depth + 1) for v in values)
@@ -256,7 +258,8 @@ class _Flow:
         self.inline_depth = 0
         self.stream_input: _V | None = None
         self.unit_inputs: dict[int, _V] = {}  # unit value -> the value that carried the stream into it
-        self.assumed: list[tuple[int, int, str]] = []  # (first node, end node, condition assumed true)
+        # (first node, end node, condition assumed true, qualified names of the modules that run only then)
+        self.assumed: list[tuple[int, int, str, frozenset[str]]] = []
         self.saw_stream_add = False
         self._paths: dict[int, str] | None = None
 
@@ -433,7 +436,8 @@ class _Flow:
             if taken_body:
                 self.rewind(after_body)
             holds = test if taken_body else f"not ({test})"
-            self.assumed.append((start[1], len(self.nodes), holds))
+            conditional = frozenset(_join(self.prefix, c.path) for c in self.calls[start[0] :])
+            self.assumed.append((start[1], len(self.nodes), holds, conditional))
             return None
         if body_calls or else_calls:
             raise _Unsupported(f"child modules run only when `{test}`, which spp cannot know", self.saw_stream_add)
@@ -534,22 +538,32 @@ class _Flow:
                 return True, bool(result)
             except Exception:
                 return False, None
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id in ("hasattr", "getattr") and node.args and self.is_self(node.args[0]):
-                if len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
-                    attr = node.args[1].value
-                    if attr == "training":
-                        return False, None
-                    if node.func.id == "hasattr":
-                        return True, hasattr(self.module, attr)
-                    if len(node.args) == 3:
-                        known, default = self.constant(node.args[2])
-                        if known:
-                            return True, getattr(self.module, attr, default)
-                    return hasattr(self.module, attr), getattr(self.module, attr, None)
-        if isinstance(node, (ast.BoolOp, ast.UnaryOp)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("hasattr", "getattr")
+            and len(node.args) >= 2
+            and self.is_self(node.args[0])
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
+            attr = node.args[1].value
+            if attr == "training":
+                return False, None
+            if node.func.id == "hasattr":
+                return True, hasattr(self.module, attr)
+            if len(node.args) == 3:
+                known, default = self.constant(node.args[2])
+                if known:
+                    return True, getattr(self.module, attr, default)
+            return hasattr(self.module, attr), getattr(self.module, attr, None)
+        if isinstance(node, ast.BoolOp) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)):
             c = self.cond(node)
             return c is not None, c
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            known, value = self.constant(node.operand)
+            if known and isinstance(value, (int, float)):
+                return True, -value
         return False, None
 
     def is_self(self, node: ast.expr) -> bool:
@@ -660,9 +674,8 @@ class _Flow:
 
     def binop(self, op: ast.operator, left: _V, right: _V, node: ast.BinOp | None = None) -> _V:
         if isinstance(op, ast.Add):
-            if left.op == "tuple":  # (x,) + rest: the first element stays first
-                tail = right.args if right.op == "tuple" else (self.opaque(right),)
-                return self.new("tuple", (*left.args, *tail))
+            if _tuplish(left):  # (x,) + rest: the first element stays first
+                return self.concat(left, right)
             if left.op == "const" or right.op in ("const", "tuple"):
                 return self.opaque(left, right)  # x + 1
             v = self.new("add", (left, right))
@@ -680,6 +693,13 @@ class _Flow:
             name = self.describe(factor, text)
             return self.new("scale", (data,), name=f"1/({name})" if isinstance(op, ast.Div) else name)
         return self.opaque(left, right)
+
+    def concat(self, left: _V, right: _V) -> _V:
+        """``left + right`` for a tuple (or either-or tuples: ``outputs += (x,)`` under an undecided ``if``)."""
+        if left.op == "phi":
+            return self.new("phi", tuple(self.concat(a, right) for a in left.args))
+        tail = right.args if right.op == "tuple" else (self.opaque(right),)
+        return self.new("tuple", (*left.args, *tail))
 
     def has_data(self, v: _V) -> bool:
         return v.op not in ("const", "meta", "self", "module", "method", "cond")
@@ -869,6 +889,10 @@ class _Flow:
 # ---- from a run to taps ------------------------------------------------------------------------------------
 
 
+def _tuplish(v: _V) -> bool:
+    return v.op == "tuple" or (v.op == "phi" and all(_tuplish(a) for a in v.args))
+
+
 def _first(v: _V) -> _V:
     """The first tensor of a returned value (what a forward hook reads), through tuples and either-or returns."""
     if v.op == "tuple" and v.args:
@@ -980,15 +1004,26 @@ class _Taps:
     def root(self, v: _V) -> _V:
         """The stream value ``v`` is (a residual sum, a unit, the input) behind norms, drops, reshapes, tuples."""
         for _ in range(64):
-            if v.op in ("pass", "scale") or (v.op == "item" and v.index == 0 and v.args[0].op == "unit"):
-                v = v.args[0]
-            elif v.op == "call" and v.args and v.args[0].stream and (
-                _is_norm(v.value.module) or _is_drop(v.value.module)
-            ):
+            through_unit = v.op == "item" and v.index == 0 and v.args[0].op == "unit"
+            through_norm = (
+                v.op == "call"
+                and bool(v.args)
+                and v.args[0].stream
+                and (_is_norm(v.value.module) or _is_drop(v.value.module))
+            )
+            if v.op in ("pass", "scale") or through_unit or through_norm:
                 v = v.args[0]
             elif v.op == "phi":
-                roots = {id(self.root(a)): self.root(a) for a in v.args if a.stream}
-                if len(roots) != 1:
+                # either-or values: one stream behind every stream side; the other sides computed from it (fp16
+                # clamps) or an optional argument that replaces it when given (DeBERTa's ``query_states``)
+                streams = [a for a in v.args if a.stream]
+                roots = {id(self.root(a)): self.root(a) for a in streams}
+                derived = all(
+                    o.op == "param" or (o.op == "opaque" and any(s in o.args for s in streams))
+                    for o in v.args
+                    if not o.stream
+                )
+                if len(roots) != 1 or not derived:
                     return v
                 v = next(iter(roots.values()))
             else:
@@ -1019,8 +1054,13 @@ class _Taps:
                 if _unreshaped(a) is v:
                     position = _param_position(c.module, key)
                     if position is not None:
-                        options.append((norm, position if isinstance(position, int) else 99,
-                                        Site(self.q(c.path), "input", position)))
+                        options.append(
+                            (
+                                norm,
+                                position if isinstance(position, int) else 99,
+                                Site(self.q(c.path), "input", position),
+                            )
+                        )
         return min(options, key=lambda o: o[:2])[2] if options else None
 
     def site(self, v: _V) -> Site | None:
@@ -1148,7 +1188,7 @@ class _Taps:
         if not channels_last and not flow.nested:
             raise self.fail("its stream feeds no LayerNorm, RMSNorm or Linear, so the channel axis is unknown")
         taps: list[Tap] = []
-        for i, (kind, payload, start) in enumerate(chain):
+        for i, (kind, payload, _start) in enumerate(chain):
             if kind == "unit":
                 taps.extend(payload.value.taps)
                 continue
@@ -1177,8 +1217,9 @@ class _Taps:
         flow = self.flow
         if any(u.value.channels_last for u in flow.units):
             return True
-        convolutions = any(isinstance(m, (nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm))
-                           for m in flow.module.modules())
+        convolutions = any(
+            isinstance(m, (nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)) for m in flow.module.modules()
+        )
         for c in flow.calls:
             first = c.positional[0] if c.positional else next(iter(c.keywords.values()), None)
             if first is None or not first.stream:
@@ -1195,9 +1236,8 @@ class _Taps:
         for _ in range(64):
             if v is add:
                 return None
-            if v.op == "call" and v.args and v.args[0] is not None and _is_norm(v.value.module):
-                if self.root(v.args[0]) is add:
-                    return v
+            if v.op == "call" and v.args and _is_norm(v.value.module) and self.root(v.args[0]) is add:
+                return v
             if v.op in ("pass", "call", "item") and v.args:
                 v = v.args[0]
             else:
@@ -1263,9 +1303,14 @@ class _Taps:
                     notes.append("res_avg_var is read before the layer scale")
         for factor in shortcut_factors:
             notes.append(f"the shortcut is multiplied by {factor} before the add (output = {factor} * shortcut + ...)")
-        for first, end, holds in flow.assumed:
-            if any(n is add for n in flow.nodes[first:end]):
-                notes.append(f"runs only when `{holds}`; spp assumes it does (an encoder-decoder model passes it)")
+        used = {output.module, short.module}
+        used.update({residual.module} if isinstance(residual, Site) else set())
+        for first, end, holds, conditional in flow.assumed:
+            if any(n is add for n in flow.nodes[first:end]) or used & conditional:
+                notes.append(
+                    f"read where `{holds}` (spp assumes it holds, as an encoder-decoder model passes it); "
+                    "without it these sites do not run"
+                )
         if output == Site(flow.prefix) and _unclamped(self.returned) is not self.returned:
             notes.append("float16 only: the layer clamps its output near the float16 maximum")
         return Tap(
@@ -1305,10 +1350,16 @@ def _analyse(
     try:
         flow.run()
         return _Taps(flow).taps()
-    except _Unsupported as exc:
+    except _Unsupported:
         if nested or depth:
             return None
-        raise exc
+        raise
+    except SppError:
+        raise
+    except Exception as exc:  # code the interpreter does not expect: not provably residual, never a crash
+        if nested or depth:
+            return None
+        raise _Unsupported(f"spp could not follow its forward ({type(exc).__name__})") from None
 
 
 def _with_unique_names(taps: list[Tap], layer: str) -> list[Tap]:
