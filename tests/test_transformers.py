@@ -277,6 +277,31 @@ def test_granite_branch_is_read_before_its_multiplier():
     assert_sums(taps, capture(model, sites_of(taps), model_inputs(model, token_ids())), scale=0.25)
 
 
+def test_layer_scale_branch_is_read_before_the_scale():
+    """BEiT multiplies the branch by a learned vector lambda before the add (and calls one drop_path module for
+    both branches): the tap reads the attention / MLP output before lambda; stream == shortcut + lambda * branch."""
+    config = transformers.AutoConfig.for_model(
+        "beit", **SMALL, image_size=16, patch_size=8, layer_scale_init_value=0.5, use_mask_token=False
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.layers:  # distinct, non-constant factors so a missed scale cannot pass
+            layer.lambda_1.uniform_(0.2, 2.0)
+            layer.lambda_2.uniform_(0.2, 2.0)
+    taps = claim(model)
+    assert [t.residual.module for t in taps[:2]] == ["layers.0.attention", "layers.0.mlp"]
+    assert all("self.lambda_" in t.note for t in taps)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    values = capture(model, sites_of(taps), {"pixel_values": pixels})
+    for tap in taps:
+        layer = model.get_submodule(tap.module)
+        factor = (layer.lambda_1 if tap.branch == "attn" else layer.lambda_2).detach().double()
+        out, short = channels_last(values[tap.output][0]), channels_last(values[tap.shortcut][0])
+        branch = channels_last(values[tap.residual][0])
+        assert (out - (short + factor * branch)).abs().max().item() <= 2 * ROUNDING * out.abs().max().item()
+
+
 PARALLEL = [
     ("gpt_neox", {**SMALL, "use_parallel_residual": True}, "attention", "mlp"),
     ("phi", SMALL, "self_attn", "mlp"),

@@ -128,6 +128,11 @@ def _is_drop(module: nn.Module) -> bool:
     return isinstance(module, nn.Dropout) or bool(_DROP.search(type(module).__name__))
 
 
+def _passthrough(module: nn.Module) -> bool:
+    """Modules that return their input in eval (identity, dropout, drop path) or only scale it (layer scale)."""
+    return isinstance(module, nn.Identity) or _is_drop(module) or bool(_LAYER_SCALE.search(type(module).__name__))
+
+
 def _is_layer_class(module: nn.Module) -> bool:
     """HF marks its layers by subclassing GradientCheckpointingLayer (transformers >= 4.52)."""
     return any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
@@ -850,18 +855,20 @@ class _Flow:
         a = tree.args
         names = [x.arg for x in (*a.posonlyargs, *a.args)]
         env: dict[str, _V] = {names[0]: _V("self")} if names else {}
-        defaults = [None] * (len(names) - len(a.defaults)) + list(a.defaults)
+        defaults: list[ast.expr | None] = [None] * (len(names) - len(a.defaults)) + list(a.defaults)
         for i, pname in enumerate(names[1:], start=1):
+            default = defaults[i]
             if i - 1 < len(args):
                 env[pname] = args[i - 1]
             elif pname in kwargs:
                 env[pname] = kwargs[pname]
-            elif defaults[i] is not None:
-                env[pname] = self.ev_default(defaults[i])
+            elif default is not None:
+                env[pname] = self.ev_default(default)
             else:
                 raise _Unsupported(f"a call to {fn.__name__} misses {pname}", self.saw_stream_add)
-        for x, default in zip(a.kwonlyargs, a.kw_defaults, strict=True):
-            env[x.arg] = kwargs.get(x.arg) or (self.ev_default(default) if default is not None else self.opaque())
+        for x, kw_default in zip(a.kwonlyargs, a.kw_defaults, strict=True):
+            fallback = self.ev_default(kw_default) if kw_default is not None else self.opaque()
+            env[x.arg] = kwargs.get(x.arg) or fallback
         if a.vararg is not None:
             env[a.vararg.arg] = self.new("tuple", tuple(args[len(names) - 1 :]))
         if a.kwarg is not None:
@@ -1090,8 +1097,14 @@ class _Taps:
         return self.consumer_site(v)
 
     def branch_site(self, v: _V) -> tuple[Site | None, str, list[str], _V | None]:
-        """Where the branch is read: the child that computes it, before drops and scales; what was walked past."""
+        """Where the branch is read: the child that computes it, walking back past drops, identities and scales
+        (so before them); also what was walked past, and the child call that computes the branch (for labels).
+
+        A once-called identity / drop-path module on the way is kept as a fallback site, used when the walk then
+        ends in code no module returns, provided no scale lies between (BEiT's shared ``drop_path`` is called
+        twice, Swin's holds the window-reversed attention: an Identity at init, DropPath when training)."""
         past: list[str] = []
+        fallback: tuple[Site, str, int] | None = None
         for _ in range(32):
             if v.op == "pass":
                 if v.name == "dropout":
@@ -1103,31 +1116,51 @@ class _Taps:
             elif v.op == "item" and v.index == 0 and v.args[0].op == "call":
                 call = v.args[0]
                 if v.name != "unpacked" and not _module_returns_tuple(call.value.module):
-                    return None, "", past, call
+                    return self.fallback(fallback, past, call)
                 v = call
-            elif v.op == "call" and (_is_drop(v.value.module) or _LAYER_SCALE.search(type(v.value.module).__name__)):
-                past.append("layer scale" if _LAYER_SCALE.search(type(v.value.module).__name__) else "dropout")
+            elif v.op == "call" and _passthrough(v.value.module):
+                module = v.value.module
+                if fallback is None and self.once(v.name) and not _LAYER_SCALE.search(type(module).__name__):
+                    fallback = (Site(self.q(v.name)), v.name, len(past))
+                if _LAYER_SCALE.search(type(module).__name__):
+                    past.append("layer scale")
+                elif _is_drop(module):
+                    past.append("dropout")
                 if not v.args:
-                    return None, "", past, None
+                    return self.fallback(fallback, past, None)
                 v = v.args[0]
             elif v.op == "call":
                 if not self.once(v.name):
-                    return None, "", past, v
+                    return self.fallback(fallback, past, v)
                 return Site(self.q(v.name)), v.name, past, v
             else:
-                return None, "", past, self.first_call(v)
+                return self.fallback(fallback, past, self.first_call(v))
         return None, "", past, None
 
+    def fallback(
+        self, fallback: tuple[Site, str, int] | None, past: list[str], call: _V | None
+    ) -> tuple[Site | None, str, list[str], _V | None]:
+        """The identity / drop site kept on the way, if no scale was walked past after it; else nothing."""
+        if fallback is None:
+            return None, "", past, call
+        site, path, walked = fallback
+        if any(p.startswith("scale") or p == "layer scale" for p in past[walked:]):
+            return None, "", past, call
+        return site, path, past[:walked], call
+
     def first_call(self, v: _V) -> _V | None:
-        stack, seen = [v], set()
-        while stack:
-            x = stack.pop()
+        """The child call nearest to ``v`` (breadth first) that does real work: not a norm, drop or identity."""
+        queue, seen, fallback = [v], set(), None
+        while queue:
+            x = queue.pop(0)
             if x.op == "call":
-                return x
+                if not (_passthrough(x.value.module) or _is_norm(x.value.module)):
+                    return x
+                fallback = fallback or x
             if id(x) not in seen:
                 seen.add(id(x))
-                stack.extend(x.args)
-        return None
+                queue.extend(x.args)
+        return fallback
 
     def rel(self, path: str) -> str:
         """A child path of the analysed module, relative to the layer being claimed (for labels and rules)."""
@@ -1274,13 +1307,14 @@ class _Taps:
             branch = self.label(call)
             scales = [p[len("scale ") :] for p in past if p.startswith("scale ")]
             if site is None:
-                if scales:
+                if scales or "layer scale" in past:
                     raise self.fail("a scaled branch is computed by no single module (cannot read it before the scale)")
                 residual = Difference(output, short)
                 rule = f"transformers {layer_class}: {branch} branch = output - shortcut"
+                notes.append("no module returns the branch alone: it is read as output - shortcut (as added)")
             else:
                 residual = site
-                module = call.value.module if call is not None else None
+                module = flow.module.get_submodule(path)
                 qualifiers = []
                 if module is not None and _is_norm(module):
                     qualifiers.append("the norm on the branch, as added")
