@@ -170,14 +170,53 @@ def _dtype(name: Any) -> Any:
     return getattr(torch, str(name))
 
 
-def _checked_overrides(config: Any, overrides: dict[str, Any], where: str) -> None:
-    """Set config fields; a field the config does not have is an error, not a silently ignored typo."""
+def _derived_fields(config: Any) -> set[str]:
+    """Scalar fields the config's constructor reproduces on its own (derived from others, or at their default).
+
+    A saved config stores every field, also those its constructor derives (LlamaConfig: ``head_dim = hidden_size //
+    num_attention_heads``; T5Config: ``num_decoder_layers = num_layers``); they must be derived again when the
+    fields they come from are overridden."""
+    fields = config.to_dict()
+    derived = set()
+    for key, value in fields.items():
+        if not isinstance(value, (bool, int, float, str)) or key in ("model_type", "transformers_version"):
+            continue
+        try:
+            rebuilt = type(config).from_dict({k: v for k, v in fields.items() if k != key})
+        except Exception:  # the constructor needs this field
+            continue
+        if getattr(rebuilt, key, None) == value:
+            derived.add(key)
+    return derived
+
+
+def _with_overrides(config: Any, overrides: dict[str, Any], where: str) -> Any:
+    """A new config: ``config`` with ``overrides``, rebuilt through the config's constructor.
+
+    Through the constructor, not setattr, and without the fields the constructor derives (``_derived_fields``), so
+    that ``hidden_size=64`` also changes ``head_dim``: setattr would silently keep the old head size. A field the
+    config does not have is an error (a typo would otherwise be ignored), and so is a value the constructor changes.
+    """
+    if not overrides:
+        return config
     known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
-    for key, value in overrides.items():
+    for key in overrides:
         if key not in known and not hasattr(config, key):
             hint = close_matches(key, sorted(known))
             raise SppError(f"hf:{where}: {type(config).__name__} has no field {key!r}{hint}")
-        setattr(config, key, value)
+    aliases = getattr(config, "attribute_map", {})
+    wanted = {aliases.get(k, k): v for k, v in overrides.items()}
+    derived = _derived_fields(config)
+    kept = {k: v for k, v in config.to_dict().items() if k not in derived or k in wanted}
+    try:
+        rebuilt = type(config).from_dict({**kept, **wanted})
+    except (TypeError, ValueError) as exc:
+        raise SppError(f"hf:{where}: the config rejects these options: {_one_line(exc)}") from None
+    for key, value in overrides.items():
+        now = getattr(rebuilt, key, None)
+        if isinstance(value, (bool, int, float, str)) and now != value:
+            raise SppError(f"hf:{where}: {type(config).__name__} turned {key}={value!r} into {now!r}")
+    return rebuilt
 
 
 def _first_attr(config: Any, *names: str) -> Any:
@@ -323,8 +362,7 @@ def load_hf(
                     f"hf:{base} is a model type (random weights from its default config); for pretrained weights "
                     "give a hub id (hf:org/name) or a local folder (hf:./folder)"
                 )
-            config = transformers.AutoConfig.for_model(base)
-            _checked_overrides(config, options, spec)
+            config = _with_overrides(transformers.AutoConfig.for_model(base), options, spec)
             model = _build(transformers, cls, config, spp_options)
             info = _info(model, config, type(model).__name__, "config", False, None)
         elif os.path.isdir(folder):
@@ -363,7 +401,7 @@ def _from_folder(
         raise
     except Exception as exc:
         raise SppError(f"hf:{folder}: config.json does not load: {_one_line(exc)}") from None
-    _checked_overrides(config, options, spec)
+    config = _with_overrides(config, options, spec)
     tokenizer = folder if _has_tokenizer(folder) else None
     if not pretrained:
         model = _build(transformers, cls, config, spp_options)
@@ -434,7 +472,7 @@ def _from_hub(
         except Exception as exc:
             raise SppError(f"hf:{repo}: no config on the hub: {_one_line(exc)}") from None
     _refuse_remote_code(config.to_dict(), spec)
-    _checked_overrides(config, options, spec)
+    config = _with_overrides(config, options, spec)
     tokenizer = _cached_tokenizer(transformers, repo)
     if not pretrained:
         model = _build(transformers, cls, config, spp_options)

@@ -631,6 +631,22 @@ def test_model_type_with_overrides_builds_offline():
     )
 
 
+def test_overrides_rederive_dependent_fields(tmp_path):
+    """Fields a config derives from others follow the overrides: Llama's head_dim = hidden_size / heads = 64 / 4 = 16
+    (not the default 4096 / 32 = 128), T5's decoder depth = num_layers unless given; also from a saved config."""
+    llama, _, _ = load_hf("llama?num_hidden_layers=1,hidden_size=64,intermediate_size=128,num_attention_heads=4")
+    assert llama.config.head_dim == 16 and llama.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+    t5, _, _ = load_hf("t5?num_layers=1,d_model=32,d_ff=64,num_heads=2,d_kv=16,vocab_size=96")
+    assert (len(t5.encoder.block), len(t5.decoder.block)) == (1, 1)
+    t5, _, _ = load_hf("t5?num_layers=1,num_decoder_layers=3,d_model=32,d_ff=64,num_heads=2,d_kv=16,vocab_size=96")
+    assert (len(t5.encoder.block), len(t5.decoder.block)) == (1, 3)
+    wide, _, _ = load_hf("llama?num_hidden_layers=1,hidden_size=128,intermediate_size=64,num_attention_heads=4")
+    wide.config.vocab_size = 96
+    wide.config.save_pretrained(tmp_path)
+    narrow, _, _ = load_hf(f"{tmp_path}?hidden_size=64")
+    assert narrow.config.head_dim == 16 and narrow.config.intermediate_size == 64  # the saved value is kept
+
+
 def test_info_max_positions_and_encoder_decoder():
     """Absolute tables bound the sequence (BERT 512; RoBERTa 514 rows less its padding offset of 2: 512);
     rotary (Llama) and relative (T5) models have none."""
