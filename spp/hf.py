@@ -89,7 +89,7 @@ def _import_transformers() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers and the hub at error level, no progress bars, for the duration; restored afterwards."""
     import warnings
 
@@ -353,7 +353,7 @@ def load_hf(
         raise SppError("hf: needs a model type, a folder or a hub id, e.g. hf:llama or hf:./my-model")
     spp_options = {k: options.pop(k) for k in SPP_OPTIONS if k in options}
     name = f"hf:{spec.strip()}"
-    with _quiet():
+    with quiet_transformers():
         cls = _model_class(transformers, spp_options.get("class"))
         folder = os.path.expanduser(base)
         if _is_model_type(base) and not os.path.isdir(folder):
@@ -492,7 +492,7 @@ def _cached_tokenizer(transformers: Any, repo: str) -> str | None:
 def load_tokenizer(source: str) -> Any:
     """The tokenizer saved with a model (a folder or a cached hub id), offline; an SppError if there is none."""
     transformers = _import_transformers()
-    with _quiet():
+    with quiet_transformers():
         try:
             return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         except Exception as exc:

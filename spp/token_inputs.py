@@ -187,11 +187,43 @@ class EmbeddingInput(_DictBatches):
 # ---- text --------------------------------------------------------------------------------------------------
 
 
+def _tokenize_file(path: str, tokenizer: Any, needed: int) -> torch.Tensor:
+    """The file's token ids, no special tokens, read in pieces of whole lines until ``needed`` ids are there (a
+    large corpus is not read whole). Pieces end at line breaks, where tokenizers do not merge across."""
+    from spp.hf import quiet_transformers
+
+    ids: list[int] = []
+    piece: list[str] = []
+    size, seen_text = 0, False
+    try:
+        with open(path, encoding="utf-8") as f, quiet_transformers():
+            for line in f:
+                piece.append(line)
+                size += len(line)
+                if size >= _PIECE_CHARS:
+                    seen_text |= any(p.strip() for p in piece)
+                    ids.extend(tokenizer("".join(piece), add_special_tokens=False)["input_ids"])
+                    piece, size = [], 0
+                    if len(ids) >= needed:
+                        break
+            if piece and len(ids) < needed:
+                seen_text |= any(p.strip() for p in piece)
+                ids.extend(tokenizer("".join(piece), add_special_tokens=False)["input_ids"])
+    except UnicodeDecodeError:
+        raise SppError(f"--input {path}: not UTF-8 text") from None
+    if not seen_text:
+        raise SppError(f"--input {path}: the file holds no text")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+_PIECE_CHARS = 1 << 18
+
+
 class TextInput(_DictBatches):
     """A text file through the model's own tokenizer, cut into consecutive sequences of ``seq_len`` tokens.
 
-    The whole text is tokenised once as one stream (no special tokens between pieces); the last partial sequence
-    is dropped. Without ``num_samples``, at most MAX_DEFAULT_SEQUENCES sequences are used.
+    The text is tokenised as one stream (no special tokens between pieces), only as far as the sequences asked for
+    need; the last partial sequence is dropped. Without ``num_samples``, at most MAX_DEFAULT_SEQUENCES sequences.
     """
 
     def __init__(
@@ -223,7 +255,7 @@ class TextInput(_DictBatches):
         self.data = ids[: wanted * seq_len].reshape(wanted, seq_len).contiguous()
         self.seq_len, self.num_samples, self.batch_size = seq_len, wanted, batch_size
         self.decoder, self.where, self.tokenizer = decoder, where, tokenizer
-        self.tokens_in_file = int(ids.numel())
+        self.tokens_read = int(ids.numel())
 
     @classmethod
     def from_file(
@@ -251,14 +283,8 @@ class TextInput(_DictBatches):
         from spp.hf import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise SppError(f"--input {path}: not UTF-8 text") from None
-        if not text.strip():
-            raise SppError(f"--input {path}: the file holds no text")
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        needed = (num_samples if num_samples is not None else MAX_DEFAULT_SEQUENCES) * seq_len
+        ids = _tokenize_file(path, tok, needed)
         if ids.numel():
             check_token_ids(ids.reshape(1, -1), vocab_size=vocab_size, where=path)
         return cls(
@@ -286,6 +312,6 @@ class TextInput(_DictBatches):
             "seq_len": self.seq_len,
             "input_shape": [self.seq_len],
             "num_samples": self.num_samples,
-            "tokens_in_file": self.tokens_in_file,
+            "tokens_read": self.tokens_read,
             "batch_size": self.batch_size,
         }

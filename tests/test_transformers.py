@@ -590,9 +590,29 @@ def test_text_input_uses_the_models_own_tokenizer(tmp_path):
     )
     expected = torch.tensor([vocab[w] for w in words[:16]]).reshape(2, 8)
     assert torch.equal(torch.cat(list(source.batches())), expected)
-    assert source.describe()["tokens_in_file"] == 18
+    assert source.describe()["tokens_read"] == 18
     with pytest.raises(SppError, match="fewer than one sequence"):
         TextInput.from_file(str(text), tokenizer=info.tokenizer, vocab_size=info.vocab_size, seq_len=64)
+
+
+def test_text_input_reads_a_large_file_only_as_far_as_needed(tmp_path, monkeypatch):
+    """Pieces of whole lines (at least 12 characters here) are tokenised until the sequences asked for are filled.
+    One sequence of 4 words: piece 1 is "the cat sat\\n" (12 characters, 3 words, not enough), piece 2 is the next
+    two lines (11 + 12 characters, 6 words): 9 of the file's 600 words are read. A word-level tokenizer gives the
+    words' indices whatever the piece boundaries."""
+    import spp.token_inputs as token_inputs
+
+    monkeypatch.setattr(token_inputs, "_PIECE_CHARS", 12)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    small("llama").config.save_pretrained(folder)
+    vocab = _word_tokenizer(folder, ["the", "cat", "sat", "on", "mat"])
+    lines = ["the cat sat", "on the mat", "the cat sat", "on the mat"] * 50
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    source = TextInput.from_file(str(text), tokenizer=str(folder), vocab_size=VOCAB, seq_len=4, num_samples=1)
+    assert source.describe()["tokens_read"] == 9
+    assert source.batch(0).tolist() == [[vocab[w] for w in "the cat sat on".split()]]
 
 
 def test_text_input_without_a_tokenizer_says_what_to_do(tmp_path):
