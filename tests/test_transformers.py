@@ -612,7 +612,7 @@ def test_text_input_reads_a_large_file_only_as_far_as_needed(tmp_path, monkeypat
     text.write_text("\n".join(lines) + "\n", encoding="utf-8")
     source = TextInput.from_file(str(text), tokenizer=str(folder), vocab_size=VOCAB, seq_len=4, num_samples=1)
     assert source.describe()["tokens_read"] == 9
-    assert source.batch(0).tolist() == [[vocab[w] for w in "the cat sat on".split()]]
+    assert source.batch(0).tolist() == [[vocab[w] for w in ["the", "cat", "sat", "on"]]]
 
 
 def test_text_input_without_a_tokenizer_says_what_to_do(tmp_path):
