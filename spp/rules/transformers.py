@@ -13,9 +13,12 @@ residual addition when one term (the shortcut: the layer input or an earlier sum
 through a child call; several branch terms added at once make a parallel block (GPT-J, Phi, Falcon, Cohere,
 GPT-NeoX with ``use_parallel_residual``), read as one tap: output - input. A layer is claimed only when its
 additions form one chain from its input to what it returns, every site is a module called once, and the stream
-feeds a LayerNorm / RMSNorm / Linear (tokens (B, L, C): channels last). What the interpreter cannot follow is
-not claimed; a layer it proves residual but cannot read (a branch that runs only for some calls, a chunked
-feed-forward, layers shared across depth) is refused with an SppError.
+feeds a LayerNorm / RMSNorm / Linear (or, in a layer without convolutions, a child holding a Linear): tokens
+(B, L, C), channels last. An ``if`` the module cannot decide is followed on both sides when neither runs a child;
+``if encoder_hidden_states is not None:`` around children the layer owns (cross-attention) is assumed true, as
+an encoder-decoder model passes it, and the taps read there say so. What the interpreter cannot follow is not
+claimed; a layer it proves residual but cannot read (a branch that runs only for some calls, a sum no hook sees, a
+chunked feed-forward, layers shared across depth) is refused with an SppError.
 
 Every tap carries ``residual`` (the branch before any scale and before the add: the child's output, the first
 tensor where it returns a tuple), ``output`` (a site holding exactly the sum; for post-norm layers the norm's
