@@ -57,16 +57,22 @@ def _model_options(
         rich_help_panel=BLOCKS)] = None,
     residual_tap: Annotated[str | None, typer.Option(help="Child of each block whose output is the residual branch.",
                                                      rich_help_panel=BLOCKS)] = None,
-    channel_dim: Annotated[int | None, typer.Option(
-        help="Channel axis of the activations (default: 1; -1 for (B, N, C) tokens).", rich_help_panel=BLOCKS)] = None,
+    channel_dim: Annotated[list[str] | None, typer.Option(
+        "--channel-dim", help="Channel axis where spp cannot prove it from the layers: AXIS for every tap, or "
+        "PATTERN=AXIS per tap name (fnmatch), repeatable: --channel-dim 'stages.0.*=1'.", rich_help_panel=BLOCKS,
+        show_default=False)] = None,
 ) -> None:
     """Template: its parameters are the model and block options (never called)."""
 
 
 def _input_options(
     input: Annotated[str | None, typer.Option(
-        "--input", "-i", help="Images (folder, glob or file), or a .pt / .npy tensor of shape (N, C, H, W). "
-        "Default: Gaussian N(0, 1).", rich_help_panel=INPUT)] = None,
+        "--input", "-i", help="Images (folder, glob or file), or a .pt / .npy tensor of shape (N, C, H, W); for "
+        "token models: tokens (random ids), embeddings (Gaussian inputs_embeds), a .txt file (the model's tokenizer), "
+        "or a .pt / .npy of ids (N, L). Default: Gaussian N(0, 1) images, or tokens.", rich_help_panel=INPUT)] = None,
+    seq_len: Annotated[int | None, typer.Option(
+        help="Tokens per sequence for token models (default: 128, or what the model requires).", show_default=False,
+        rich_help_panel=INPUT)] = None,
     input_std: Annotated[float, typer.Option(help="Std of the Gaussian input.", rich_help_panel=INPUT)] = 1.0,
     num_samples: Annotated[int | None, typer.Option(
         help="Total samples, in micro-batches, aggregated exactly (default: one micro-batch of noise; every "
@@ -78,8 +84,11 @@ def _input_options(
         rich_help_panel=INPUT)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the model's init and of the Gaussian inputs.",
                                       rich_help_panel=INPUT)] = 0,
-    mode: Annotated[str, typer.Option(help="train: BN uses batch statistics (buffers untouched); eval: running "
-                                      "statistics.", rich_help_panel=INPUT)] = "train",
+    mode: Annotated[str, typer.Option(help="train: normalisation layers use batch statistics (buffers untouched), "
+                                      "dropout off; eval: running statistics.", rich_help_panel=INPUT)] = "train",
+    stochastic: Annotated[bool, typer.Option(
+        "--stochastic", help="Keep dropout, drop-path and stochastic depth live (default: off, so the SPP is "
+        "deterministic).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.", rich_help_panel=COMPUTE)] = "cpu",
     dtype: Annotated[str, typer.Option(help="Forward dtype: float32, bfloat16 or float16 (statistics are always "
                                        "accumulated in float32 or better).", rich_help_panel=COMPUTE)] = "float32",
@@ -127,6 +136,7 @@ def _config(model: str, options: dict):
         if value is not None:
             kwargs[key] = value
     options["blocks"] = tuple(options.get("blocks") or ())
+    options["channel_dim"] = tuple(options.get("channel_dim") or ())
     return RunConfig(model=model, model_kwargs=kwargs, in_chans=kwargs.get("in_chans"), **options)
 
 

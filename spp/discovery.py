@@ -28,6 +28,7 @@ from torch import nn
 from spp.errors import SppError
 from spp.rules.native import NATIVE_RULES
 from spp.rules.traced import traced_residual
+from spp.rules.transformers import TRANSFORMER_RULES
 from spp.rules.vision import VISION_RULES
 from spp.taps import Difference, Site, Tap
 
@@ -54,6 +55,7 @@ class Rule:
 DEFAULT_RULES: tuple[Rule, ...] = (
     *(Rule(label, fn) for label, fn in NATIVE_RULES),
     *(Rule(label, fn) for label, fn in VISION_RULES),
+    *(Rule(label, fn) for label, fn in TRANSFORMER_RULES),
     Rule("fallback (traced add)", traced_residual),
 )
 
@@ -82,7 +84,10 @@ def _by_patterns(model: nn.Module, patterns: Sequence[str], rules: Sequence[Rule
         raise SppError(f"--blocks {' '.join(patterns)} matched no module; see the names with `spp blocks`")
     taps: list[Tap] = []
     for name in chosen:
-        auto = _apply(rules, name, modules[name])
+        try:
+            auto = _apply(rules, name, modules[name])
+        except SppError:  # a rule that refuses this block: --blocks reads it whole, as output - input
+            auto = None
         if auto:
             taps.extend(replace(t, rule=f"--blocks + {t.rule}") for t in auto)
         else:
@@ -109,7 +114,11 @@ def _by_rules(model: nn.Module, rules: Sequence[Rule]) -> list[Tap]:
             continue
         if any(name.startswith(f"{t.module}.") and _site_module(t) == name for t in taps):
             continue  # the outer rule reads this module as a branch: its own adds are inside that branch
-        nested = [replace(t, note=_joined(t.note, f"nested in {outer[0]}")) for t in found]
+        seen = {(t.output, str(t.residual)) for t in taps} | {t.output for t in taps}
+        nested = [replace(t, note=_joined(t.note, f"nested in {outer[0]}")) for t in found
+                  if t.output not in seen and (t.output, str(t.residual)) not in seen]  # not an add already read
+        if not nested:
+            continue
         at = outer[1]
         taps[at:at] = nested
         claimed.append((name, at))
@@ -167,9 +176,9 @@ def find_taps(
     stage_of: dict[str, int] = {}
     layer_of: dict[str, int] = {}
     staged = []
-    blocks = {t.module for t in taps}
+    claimed = {t.module for t in taps}
     for t in taps:
-        outermost = min((b for b in blocks if t.module.startswith(f"{b}.")), key=len, default=t.module)
+        outermost = min((b for b in claimed if t.module.startswith(f"{b}.")), key=len, default=t.module)
         stage = stage_of.setdefault(_parent(outermost), len(stage_of) + 1)  # a nested block: its host's stage
         layer = layer_of.setdefault(t.module, len(layer_of) + 1)
         staged.append(replace(t, stage=stage, layer=layer))

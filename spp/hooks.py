@@ -31,6 +31,7 @@ from spp.moments import ChannelMoments, MergeItem, Workspace, batch_moments, mer
 from spp.records import Record
 from spp.schema import NAMES
 from spp.taps import Difference, Site, Tap
+from spp.validate import parse_channel_dims
 
 Batch = torch.Tensor | Mapping[str, Any] | Sequence[Any]
 Consumer = Callable[[torch.Tensor], None]
@@ -65,45 +66,6 @@ def _argument(module: nn.Module, arg: int | str) -> Callable[[tuple, dict], Any]
 
 OUTPUT, BRANCH, SHORTCUT = 0, 1, 2
 _ROLE_NAMES = {OUTPUT: "stream", BRANCH: "branch", SHORTCUT: "shortcut"}
-
-
-def parse_channel_dims(spec: int | str | Mapping[str, int] | Sequence[str] | None) -> list[tuple[str, int]]:
-    """``channel_dim`` as (fnmatch pattern on tap or block names, axis) pairs; a bare axis applies to every tap.
-
-    Accepts an int, a mapping ``{"stages.0.*": 1}``, or strings ``"stages.0.*=1"`` / ``"1"`` (repeatable
-    ``--channel-dim``). The last matching pattern wins.
-    """
-    if spec is None:
-        return []
-    if isinstance(spec, bool):
-        raise SppError(f"channel_dim must be an axis or PATTERN=AXIS, not {spec!r}")
-    if isinstance(spec, int):
-        return [("*", spec)]
-    items: list[tuple[str, object]]
-    if isinstance(spec, Mapping):
-        items = list(spec.items())
-    else:
-        texts = [spec] if isinstance(spec, str) else list(spec)
-        items = []
-        for text in texts:
-            if isinstance(text, int) and not isinstance(text, bool):
-                items.append(("*", text))
-                continue
-            if not isinstance(text, str):
-                raise SppError(f"--channel-dim must be AXIS or PATTERN=AXIS, not {text!r}")
-            before, eq, after = text.rpartition("=")
-            items.append(((before.strip() or "*") if eq else "*", after.strip()))
-    out = []
-    for key, given in items:
-        value: int | None = None
-        if isinstance(given, int) and not isinstance(given, bool):
-            value = given
-        elif isinstance(given, str) and given.lstrip("-").isdigit():
-            value = int(given)
-        if value is None or not -8 <= value < 8:
-            raise SppError(f"--channel-dim {key}={given}: the axis must be a whole number between -8 and 7")
-        out.append((str(key), value))
-    return out
 
 
 class _FirstForward:

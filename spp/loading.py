@@ -2,6 +2,8 @@
 
 A spec is, in the order tried:
 
+* ``hf:SPEC``: a HuggingFace transformers model (``spp.hf``: a model type built from its config, a folder, a hub
+  id), recorded on token inputs;
 * ``timm:NAME`` / ``torchvision:NAME`` / ``spp:NAME``: that library's model, randomly initialised;
 * ``FILE.py:FACTORY``: the file imported as a module, ``FACTORY(**model_kwargs)`` must return an nn.Module;
 * an existing file: a torch.export archive (``.pt2``), a TorchScript archive, or a pickled whole module (only
@@ -44,6 +46,13 @@ class LoadedModel:
     spec: str  # what the user asked for
     data_config: dict[str, Any] = field(default_factory=dict)  # mean / std (/ input_size where known)
     checkpoint: str | None = None  # the state_dict file loaded on top, if any
+    # For models that read token ids (HF models, the reference transformers): vocab_size, hidden_size,
+    # max_positions, is_encoder_decoder, tokenizer, seq_len (a length the model requires); None for image models.
+    tokens: dict[str, Any] | None = None
+
+    @property
+    def takes_tokens(self) -> bool:
+        return self.tokens is not None
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -146,10 +155,25 @@ def _load_torchvision(name: str, spec: str, kwargs: dict[str, Any], pretrained: 
 def _load_spp(name: str, spec: str, kwargs: dict[str, Any], pretrained: bool) -> LoadedModel:
     from spp.models import create_model, get_entry
 
-    get_entry(name)  # the unknown-name error, with close matches
+    entry = get_entry(name)  # the unknown-name error, with close matches
     if pretrained:
         raise SppError(f"{name} is a built-in reference model without pretrained weights; drop --pretrained")
-    return LoadedModel(create_model(name, **kwargs), name, "spp", spec, dict(IMAGENET_CONFIG))
+    model = create_model(name, **kwargs)
+    if entry.family.kind != "transformer":
+        return LoadedModel(model, name, "spp", spec, dict(IMAGENET_CONFIG))
+    tokens = {"vocab_size": int(model.vocab_size), "hidden_size": int(model.width), "max_positions": None,
+              "is_encoder_decoder": False, "tokenizer": None, "seq_len": int(model.seq_len)}
+    return LoadedModel(model, name, "spp", spec, {}, tokens=tokens)
+
+
+def _load_hf(spec: str, kwargs: dict[str, Any], pretrained: bool) -> LoadedModel:
+    from spp.hf import load_hf
+
+    model, name, info = load_hf(spec, model_kwargs=kwargs, pretrained=pretrained)
+    tokens = {"vocab_size": info.vocab_size, "hidden_size": info.hidden_size, "max_positions": info.max_positions,
+              "is_encoder_decoder": info.is_encoder_decoder, "tokenizer": info.tokenizer, "seq_len": None,
+              "hf": info.as_dict()}
+    return LoadedModel(model, name, "hf", f"hf:{spec}", {}, tokens=tokens)
 
 
 # ---- files -------------------------------------------------------------------------------------------------
@@ -446,6 +470,12 @@ def load_model(
     ``pretrained`` (timm / torchvision weights) or ``checkpoint`` (a state_dict file) say otherwise."""
     if not spec or not spec.strip():
         raise SppError("--model is empty")
+    if spec.strip().startswith("hf:"):  # its options are parsed strictly against the model's config
+        loaded = _load_hf(spec.strip()[3:], dict(model_kwargs or {}), pretrained)
+        if checkpoint:
+            load_checkpoint(loaded.model, checkpoint, trust_pickle=trust_pickle)
+            loaded.checkpoint = checkpoint
+        return loaded
     name, options = split_options(spec.strip())
     loaded = _resolve(name, {**(model_kwargs or {}), **options}, pretrained, trust_pickle)
     if options:

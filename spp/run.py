@@ -16,7 +16,7 @@ from typing import Any
 
 from spp.errors import SppError
 from spp.records import Record
-from spp.validate import check_batching
+from spp.validate import check_batching, parse_channel_dims
 
 # Built-in ResNets downsample by 32: below this the last stage has no spatial extent left.
 MIN_RESOLUTION = 32
@@ -32,9 +32,10 @@ class RunConfig:
     trust_pickle: bool = False
     blocks: tuple[str, ...] = ()
     residual_tap: str | None = None
-    channel_dim: int | None = None
+    channel_dim: tuple[str, ...] = ()  # AXIS or PATTERN=AXIS where the layers do not prove it
     input: str | None = None  # None = Gaussian
     input_std: float = 1.0
+    seq_len: int | None = None  # tokens per sequence for token models; None = the model's own, else 128
     num_samples: int | None = None  # None = one micro-batch
     batch_size: int = DEFAULT_BATCH_SIZE
     resolution: int | None = None  # None = the model's default
@@ -50,6 +51,11 @@ class RunConfig:
         if self.mode not in ("train", "eval"):
             raise SppError(f"--mode must be train or eval, not {self.mode!r}")
         check_batching(self.batch_size, self.num_samples)
+        if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
+                                         or self.seq_len < 1):
+            raise SppError(f"--seq-len must be a whole number of at least 1, not {self.seq_len!r}")
+        if self.channel_dim:
+            parse_channel_dims(list(self.channel_dim))  # a bad --channel-dim fails before any work
         if self.resolution is not None and self.resolution < 1:
             raise SppError(f"--resolution must be positive, not {self.resolution}")
 
@@ -62,6 +68,7 @@ class RunConfig:
         """Plain data for a Record's settings; ``from_settings`` turns it back into this RunConfig."""
         d = asdict(self)
         d["blocks"] = list(self.blocks)
+        d["channel_dim"] = list(self.channel_dim)
         return d
 
     @classmethod
@@ -70,6 +77,8 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in run.items() if k in known}
         values["blocks"] = tuple(values.get("blocks") or ())
+        dims = values.get("channel_dim")
+        values["channel_dim"] = (f"{dims}",) if isinstance(dims, int) else tuple(str(d) for d in dims or ())
         values["model_kwargs"] = dict(values.get("model_kwargs") or {})
         return cls(**values)
 
@@ -130,19 +139,20 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
         raise SppError("--batch-size 1 with BatchNorm in train mode: each sample would be normalised on its own; "
                        "use --batch-size 2 or more, or --mode eval")
     resolution = default_resolution(cfg, loaded.data_config)
-    if loaded.source == "spp" and resolution < MIN_RESOLUTION:
+    if loaded.source == "spp" and not loaded.takes_tokens and resolution < MIN_RESOLUTION:
         raise SppError(f"--resolution {resolution} is too small for {cfg.model}: it downsamples by 32, "
                        f"use at least {MIN_RESOLUTION}")
     in_chans = cfg.in_chans or cfg.model_kwargs.get("in_chans") or 3
     source = make_input(cfg.input, num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed,
-                        std=cfg.input_std, data_config=loaded.data_config, resolution=resolution, in_chans=in_chans)
+                        std=cfg.input_std, data_config=loaded.data_config, resolution=resolution, in_chans=in_chans,
+                        tokens=loaded.tokens, seq_len=cfg.seq_len)
     settings = {
         "model": loaded.name,
         "label": cfg.label or loaded.name,
         "model_spec": cfg.model,
         "model_kwargs": dict(cfg.model_kwargs),
         "source": loaded.source,
-        "resolution": resolution,
+        **({"resolution": resolution} if not loaded.takes_tokens else {"model_inputs": "tokens"}),
         **source.describe(),
         **library_versions(),
         "run": cfg.describe(),
@@ -161,7 +171,7 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
                 stochastic=cfg.stochastic,
                 blocks=list(cfg.blocks) or None,
                 residual_tap=cfg.residual_tap,
-                channel_dim=cfg.channel_dim,
+                channel_dim=list(cfg.channel_dim) or None,
                 settings=settings,
                 on_batch=on_batch,
                 distributed=ctx.active,
@@ -169,7 +179,9 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = re.sub(r"\s+", " ", first)[:300]
-        raise SppError(f"{loaded.name} failed on input of shape (batch, {in_chans}, {resolution}, {resolution}): "
+        sample = source.describe().get("input_shape") or []
+        shape = ", ".join(["batch", *map(str, sample)])
+        raise SppError(f"{loaded.name} failed on {source.describe().get('input', 'input')} of shape ({shape}): "
                        f"{first}") from None
 
 

@@ -8,6 +8,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 from spp.errors import SppError
 
@@ -60,3 +61,42 @@ def check_batching(batch_size: object, num_samples: object) -> None:
     whole_number(batch_size, "--batch-size", minimum=1)
     if num_samples is not None:
         whole_number(num_samples, "--num-samples", minimum=1)
+
+
+def parse_channel_dims(spec: int | str | Mapping[str, int] | Sequence[str] | None) -> list[tuple[str, int]]:
+    """``channel_dim`` as (fnmatch pattern on tap or block names, axis) pairs; a bare axis applies to every tap.
+
+    Accepts an int, a mapping ``{"stages.0.*": 1}``, or strings ``"stages.0.*=1"`` / ``"1"`` (repeatable
+    ``--channel-dim``). The last matching pattern wins.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, bool):
+        raise SppError(f"channel_dim must be an axis or PATTERN=AXIS, not {spec!r}")
+    if isinstance(spec, int):
+        return [("*", spec)]
+    items: list[tuple[str, object]]
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        texts = [spec] if isinstance(spec, str) else list(spec)
+        items = []
+        for text in texts:
+            if isinstance(text, int) and not isinstance(text, bool):
+                items.append(("*", text))
+                continue
+            if not isinstance(text, str):
+                raise SppError(f"--channel-dim must be AXIS or PATTERN=AXIS, not {text!r}")
+            before, eq, after = text.rpartition("=")
+            items.append(((before.strip() or "*") if eq else "*", after.strip()))
+    out = []
+    for key, given in items:
+        value: int | None = None
+        if isinstance(given, int) and not isinstance(given, bool):
+            value = given
+        elif isinstance(given, str) and given.lstrip("-").isdigit():
+            value = int(given)
+        if value is None or not -8 <= value < 8:
+            raise SppError(f"--channel-dim {key}={given}: the axis must be a whole number between -8 and 7")
+        out.append((str(key), value))
+    return out
