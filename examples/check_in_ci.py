@@ -53,7 +53,8 @@ class Stack(nn.Module):
 
     def __init__(self, block: type[nn.Module], depth: int = DEPTH, width: int = WIDTH) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        nn.init.kaiming_normal_(self.stem.weight, nonlinearity="linear")  # unit variance in, unit variance out
         self.blocks = nn.Sequential(*(block(width) for _ in range(depth)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,9 +65,19 @@ def plot_model(
         refs.append(record_reference(cfg, name, progress=progress, use_cache=use_cache))
     if _writes():  # under torchrun every rank records its shard; rank 0 alone writes
         fig = render.draw(rec, references=refs, title=_title(rec))
-        commit_outputs([(out, lambda tmp: render.save_figure(fig, tmp)), (table, table_writer(rec.to_frame(), table))],
+        commit_outputs([(out, lambda tmp: render.save_figure(fig, tmp)), *table_outputs(rec, table)],
                        inputs=inputs)  # figure and table replace the old ones together, or neither does
     return PlotResult(rec, refs, Path(out), Path(table), nonfinite=nonfinite_messages(rec), notes=run_notes(rec))
+
+
+def table_outputs(rec: Record, table: str) -> list[tuple[str | Path, Any]]:
+    """The table of ``rec`` at ``table``: one file; but a CSV whose record sidecar is there (a record replaced with
+    ``--force``) is written as a record, sidecar and all, so the sidecar never describes another run."""
+    from spp.files import record_outputs, sidecar
+
+    if table.lower().endswith(".csv") and sidecar(table).is_file():
+        return list(record_outputs(rec, table))
+    return [(table, table_writer(rec.to_frame(), table))]
 
 
 def _writes() -> bool:

@@ -386,6 +386,9 @@ def _swap(targets: list[Path], staged: list[str]) -> None:
                     os.replace(backup, old_target)
                 else:
                     os.unlink(old_target)
+            if backup is not None:  # a hard link to a target never replaced: rename() left both names
+                with contextlib.suppress(OSError):
+                    os.unlink(backup)
         raise SppError(f"could not put {target} in place ({one_line(exc, with_type=False)}); "
                        "every output was left as it was") from None
     for _, backup in done:
