@@ -28,12 +28,12 @@ class _OneLineErrors(TyperGroup):
     """Usage errors (a value typer cannot parse, an unknown option, a missing argument) as one ``error:`` line and
     exit code 2, like spp's own errors, instead of click's boxed usage text."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except _click_errors.NoArgsIsHelpError as exc:  # `spp` alone: typer has printed the help already
             sys.exit(exc.exit_code)
         except _click_errors.UsageError as exc:

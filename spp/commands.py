@@ -397,6 +397,10 @@ def check_source(
     result = CheckResult(rec, findings, t, exit_code(findings), notes=run_notes(rec))
     if json_out is not None and json_out != "-" and _writes():
         text = json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n"
-        commit_outputs([(json_out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))], inputs=inputs)
+
+        def write(tmp: str) -> None:
+            Path(tmp).write_text(text, encoding="utf-8")
+
+        commit_outputs([(json_out, write)], inputs=inputs)
         result.json_path = Path(json_out)
     return result

@@ -271,7 +271,7 @@ def _signals(phase: list[str]) -> Iterator[list[int]]:
         yield pending
         return
     wanted = [signal.SIGINT, *([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])]
-    previous = {sig: signal.getsignal(sig) for sig in wanted}
+    previous: dict[int, Any] = {int(sig): signal.getsignal(sig) for sig in wanted}
 
     def handler(signum: int, frame: Any) -> None:
         old = previous[signum]

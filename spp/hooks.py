@@ -28,6 +28,7 @@ from spp.moments import ChannelMoments, MergeItem, Workspace, batch_moments, cha
 from spp.records import Record
 from spp.schema import NAMES
 from spp.taps import Difference, Site, Tap
+from spp.validate import check_record_call, check_recorder_arguments
 
 Batch = torch.Tensor | Mapping[str, Any] | Sequence[Any]
 Consumer = Callable[[torch.Tensor], None]
@@ -89,6 +90,8 @@ class SignalRecorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SppError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        check_recorder_arguments(mode=mode, stochastic=stochastic, blocks=blocks, residual_tap=residual_tap,
+                                 channel_dim=channel_dim, taps=taps, settings=settings)
         self.model = model
         self.taps: list[Tap] = list(taps) if taps is not None else find_taps(
             model, rules=rules, blocks=blocks, residual_tap=residual_tap, channel_dim=channel_dim
@@ -376,6 +379,7 @@ def record(
     micro-batches (possibly none); the moments are merged across ranks (``spp.distributed.merge_moments``) and
     every rank returns the Record over all ranks' samples.
     """
+    check_record_call(on_batch=on_batch, distributed=distributed, settings=settings)
     batches = _micro_batches(inputs)
     recorder = SignalRecorder(
         model, rules=rules, blocks=blocks, residual_tap=residual_tap, channel_dim=channel_dim, taps=taps, mode=mode,

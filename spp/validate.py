@@ -203,3 +203,42 @@ def check_model_options(model: str, options: Mapping[str, Any], defaults: Mappin
         else:
             out[name] = value
     return out
+
+
+# ---- the library's recorder ----------------------------------------------------------------------------------------
+def check_recorder_arguments(*, mode: object = None, stochastic: object = False, blocks: object = None,
+                             residual_tap: object = None, channel_dim: object = None, taps: object = None,
+                             settings: object = None) -> None:
+    """The keyword arguments of ``spp.hooks.SignalRecorder`` / ``spp.record``, as a notebook can get them wrong:
+    one SppError line naming the argument, before any hook is set (``stochastic="yes"`` is not silently true,
+    ``channel_dim=True`` is not axis 1)."""
+    from collections.abc import Sequence
+
+    if mode is not None and mode not in ("train", "eval"):
+        raise SppError(f"mode must be 'train' or 'eval' (or None to leave the model as it is), not {mode!r}")
+    if not isinstance(stochastic, bool):
+        raise SppError(f"stochastic must be True or False, not {stochastic!r}")
+    if blocks is not None and not isinstance(blocks, str) and (
+            not isinstance(blocks, Sequence) or any(not isinstance(b, str) or not b.strip() for b in blocks)):
+        raise SppError(f"blocks must be fnmatch patterns (a string or a list of strings), not {blocks!r}")
+    if residual_tap is not None:
+        text_value(residual_tap, "residual_tap")
+    check_channel_dim(channel_dim, "channel_dim")
+    if taps is not None:
+        from spp.taps import Tap
+
+        if isinstance(taps, (str, bytes)) or not isinstance(taps, Sequence) or \
+                any(not isinstance(t, Tap) for t in taps):
+            raise SppError(f"taps must be a list of spp.Tap (from spp.find_taps), not {type(taps).__name__}")
+    if settings is not None and (not isinstance(settings, Mapping) or any(not isinstance(k, str) for k in settings)):
+        raise SppError(f"settings must be a dict with string keys, not {type(settings).__name__}")
+
+
+def check_record_call(*, on_batch: object = None, distributed: object = False, settings: object = None) -> None:
+    """The arguments ``spp.record`` has beyond the recorder's (a callback, a flag), and the settings it merges."""
+    if settings is not None and (not isinstance(settings, Mapping) or any(not isinstance(k, str) for k in settings)):
+        raise SppError(f"settings must be a dict with string keys, not {type(settings).__name__}")
+    if on_batch is not None and not callable(on_batch):
+        raise SppError(f"on_batch must be a function of the samples in a micro-batch, not {type(on_batch).__name__}")
+    if not isinstance(distributed, bool):
+        raise SppError(f"distributed must be True or False, not {distributed!r}")

