@@ -191,8 +191,11 @@ def _print_error(message: str) -> None:
                         markup=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+def _fail(message: str, code: int = 2, *, every_rank: bool = True) -> None:
+    """Print ``error: message`` and exit with ``code``: on every rank for an error (each says why it stopped), on
+    rank 0 only for a result such as NaN/Inf in the activations (``every_rank=False``)."""
+    target = error_console if every_rank else console
+    target.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
@@ -263,7 +266,7 @@ def _finish(notes: list[str], nonfinite: list[str]) -> None:
     are written, so scripts notice without losing the table that shows where it happened."""
     _warn(notes)
     if nonfinite:
-        _fail(_escape("; ".join(nonfinite)), 3)
+        _fail(_escape("; ".join(nonfinite)), 3, every_rank=False)
 
 
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Record built-in models (the references) again instead "
@@ -455,8 +458,9 @@ def check(
         result = commands.check_source(cfg if model else None, record=record_file, thresholds=limits,
                                        json_out=json_out, progress=progress)
     _print_findings(result, console if json_out == "-" else out_console)
-    if json_out == "-":
-        typer.echo(json.dumps(result.to_json(), indent=1, allow_nan=False))
+    if json_out == "-":  # through out_console: under torchrun only rank 0 prints it
+        out_console.print(json.dumps(result.to_json(), indent=1, allow_nan=False), markup=False, highlight=False,
+                          soft_wrap=True, emoji=False)
     elif result.json_path is not None:
         console.print(f"wrote {result.json_path}", highlight=False)
     _warn(result.notes)
