@@ -123,10 +123,18 @@ def list_blocks(cfg: RunConfig) -> list[Tap]:
     from spp.discovery import find_taps
     from spp.loading import load_model
 
+    from spp.errors import SppError
+    from spp.loading import user_code_error
+
     loaded = load_model(cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
                         checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_pickle)
-    return find_taps(loaded.model, blocks=list(cfg.blocks) or None, residual_tap=cfg.residual_tap,
-                     channel_dim=cfg.channel_dim)
+    try:  # the traced rule runs the model's forward symbolically: the user's code, guarded like a recording
+        return find_taps(loaded.model, blocks=list(cfg.blocks) or None, residual_tap=cfg.residual_tap,
+                         channel_dim=cfg.channel_dim)
+    except SppError:
+        raise
+    except BaseException as exc:
+        raise user_code_error(exc, f"finding the blocks of {loaded.name} (tracing its forward)") from None
 
 
 def list_models(pattern: str | None = None) -> list[tuple[str, str]]:

@@ -117,6 +117,22 @@ def needs_depth(depth):
 
 def not_a_module(**kw):
     return 42
+
+
+class Plain(nn.Module):
+    """Blocks spp finds by tracing the forward (no spp_residual): discovery runs this forward symbolically."""
+
+    def __init__(self, w=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, w, 3, padding=1)
+        self.c1 = nn.Conv2d(w, w, 3, padding=1)
+
+    def forward(self, x):
+        raise SystemExit(7)
+
+
+def trace_exit(**kw):
+    return Plain()
 '''
 
 
@@ -383,6 +399,8 @@ CLI_CASES = [
          "fwd_exit's forward on input of shape (batch, 3, 32, 32) called sys.exit(4)"),
     Case("forward_raises", model(f"{FAC}:fwd_raise"), 2, "failed: ValueError: the forward is broken"),
     Case("forward_interrupt", model(f"{FAC}:fwd_interrupt"), 130, "interrupted during fwd_interrupt's forward"),
+    Case("discovery_trace_sys_exit", ["blocks", "-m", f"{FAC}:trace_exit"], 2,
+         "finding the blocks of trace_exit (tracing its forward) called sys.exit(7)"),
     Case("pretrained_offline", ["plot", "-m", "timm:resnet18", "--pretrained", "--resolution", "32", "-o",
                                 "{u}/new.png", "--reference", "none"], 2,
          "huggingface.co cannot be reached (offline?)", patch=_offline),
