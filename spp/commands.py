@@ -121,10 +121,8 @@ def run_notes(rec: Record) -> list[str]:
 def list_blocks(cfg: RunConfig) -> list[Tap]:
     """The taps spp would record for ``cfg.model``: stage, name, output site, residual site, rule."""
     from spp.discovery import find_taps
-    from spp.loading import load_model
-
     from spp.errors import SppError
-    from spp.loading import user_code_error
+    from spp.loading import load_model, user_code_error
 
     loaded = load_model(cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
                         checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_pickle)

@@ -167,10 +167,11 @@ def native_stderr() -> Iterator[list[str]]:
             lines.extend(sink.read(1 << 20).decode("utf-8", "replace").splitlines())
 
 
-def user_code_error(exc: BaseException, what: str, hint: str = "", noise: Noise | None = None) -> SppError:
+def user_code_error(exc: BaseException, what: str, hint: str = "", noise: Noise | None = None, *,
+                    failed: str = "failed") -> SppError:
     """One line for any exception user code raised, SystemExit and KeyboardInterrupt included. ``what`` names the
     work and its file or model ("the factory net.py:make", "nf_resnet50's forward"), then comes the exception, then
-    ``hint`` and the library noise."""
+    ``hint`` and the library noise. ``failed`` words an ordinary exception ("failed on input of shape ...")."""
     if isinstance(exc, SppError):
         return exc
     tail = (noise.summary() if noise is not None else "") + hint
@@ -182,7 +183,7 @@ def user_code_error(exc: BaseException, what: str, hint: str = "", noise: Noise 
         return SppError(f"{what} ran out of memory{tail}", exit_code=1)
     first = _first_line(str(exc))  # torch's dispatcher errors go on for lines: the first says what
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return SppError(f"{what} failed: {text if len(text) <= 300 else text[:297] + '...'}{tail}")
+    return SppError(f"{what} {failed}: {text if len(text) <= 300 else text[:297] + '...'}{tail}")
 
 
 @contextlib.contextmanager

@@ -168,8 +168,8 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
         from spp.loading import user_code_error
 
         shape = ", ".join(str(d) for d in settings.get("input_shape") or ())
-        raise user_code_error(exc, f"{loaded.name}'s forward on input of shape (batch, {shape})",
-                              input_hint(source)) from None
+        raise user_code_error(exc, f"{loaded.name}'s forward", input_hint(source),
+                              failed=f"failed on input of shape (batch, {shape})") from None
     if "skipped_images" in settings:  # images are read during the forward: count the unreadable ones now
         rec.settings["skipped_images"] = source.describe()["skipped_images"]
     return rec
