@@ -30,6 +30,7 @@ from spp.records import Record
 ENV = "SPP_CACHE_DIR"
 KEY_VERSION = 1
 MAX_ENTRIES = 256  # beyond this many files the oldest go (an entry is ~10 kB per 100 blocks)
+_WARNED: set[str] = set()  # cache folders already reported unwritable in this process
 
 
 def cache_dir() -> Path:
@@ -130,8 +131,10 @@ def store(cfg, key: str, rec: Record) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_record(stored, path, what="cache entry")
     except (SppError, OSError, ValueError, TypeError) as exc:
-        warnings.warn(f"could not write the curve cache at {path.parent} ({exc}); set {ENV} to a writable "
-                      "folder or pass --no-cache", stacklevel=2)
+        if str(path.parent) not in _WARNED:  # once per folder and process, not once per reference
+            _WARNED.add(str(path.parent))
+            warnings.warn(f"could not write the curve cache at {path.parent} ({exc}); set {ENV} to a writable "
+                          "folder or pass --no-cache", stacklevel=2)
         return None
     _prune(path.parent)
     return path

@@ -7,12 +7,47 @@ records, so ``plot``, ``record``, ``compare`` and ``blocks`` accept the same fla
 
 import contextlib
 import functools
+import importlib
 import inspect
-from collections.abc import Callable, Iterator
-from typing import Annotated
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
+from typer.core import TyperGroup
+
+# typer 0.29 vendors click as typer._click (its exceptions are not click's); older typer uses click itself.
+_click_errors: Any = importlib.import_module(
+    getattr(getattr(typer.core, "_click", None), "__name__", "click") + ".exceptions")
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a value typer cannot parse, an unknown option, a missing argument) as one ``error:`` line and
+    exit code 2, like spp's own errors, instead of click's boxed usage text."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except _click_errors.NoArgsIsHelpError as exc:  # `spp` alone: typer has printed the help already
+            sys.exit(exc.exit_code)
+        except _click_errors.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "spp"
+            _print_error(f"{exc.format_message()} (see {command} --help)")
+            sys.exit(exc.exit_code)
+        except _click_errors.ClickException as exc:
+            _print_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="spp",
@@ -20,9 +55,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 console = Console(stderr=True)
 out_console = Console()
+error_console = Console(stderr=True)  # never quieted: under torchrun every rank says why it failed
 
 MODEL, BLOCKS, INPUT, COMPUTE = "Model", "Blocks", "Input", "Compute"
 
@@ -100,14 +137,16 @@ def _parameters(template: Callable) -> list[inspect.Parameter]:
     return list(inspect.signature(template, eval_str=True).parameters.values())
 
 
-def _shared(*templates: Callable):
-    """Add the templates' options to a command; it receives them as one RunConfig, ``cfg``.
+def _shared(*templates: Callable, passed: Sequence[Callable] = ()):
+    """Add the templates' options to a command; it receives them as one RunConfig, ``cfg``. The options of the
+    ``passed`` templates are added too and reach the command as keyword arguments (its ``**kwargs``).
 
     Also turns every SppError into one line and an exit code, so no command prints a traceback.
     """
 
     def decorate(fn: Callable) -> Callable:
-        own = [p for p in _parameters(fn) if p.name != "cfg"]
+        own = [p for p in _parameters(fn) if p.name != "cfg" and p.kind != inspect.Parameter.VAR_KEYWORD]
+        own += [p for t in passed for p in _parameters(t)]
         extra = [p for t in templates for p in _parameters(t)]
         names = [p.name for p in extra]
 
@@ -115,7 +154,7 @@ def _shared(*templates: Callable):
         def command(**kwargs):
             with _user_errors():
                 options = {n: kwargs.pop(n) for n in names}
-                cfg = _config(kwargs.get("model", ""), options)
+                cfg = _config(kwargs.get("model") or "", options)
                 return fn(cfg=cfg, **kwargs)
 
         command.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
@@ -126,22 +165,47 @@ def _shared(*templates: Callable):
 
 
 def _config(model: str, options: dict):
-    """CLI options -> RunConfig: the model flags become model keyword arguments."""
-    from spp.loading import parse_kwargs
+    """CLI options -> RunConfig: the model flags become model keyword arguments. Every value is checked here,
+    before any work (``spp.validate`` through RunConfig, and the model's own options for a built-in model)."""
+    from spp.errors import SppError
+    from spp.loading import check_model_spec, parse_kwargs
     from spp.run import RunConfig
+    from spp.validate import finite_number, whole_number
 
     kwargs = parse_kwargs(options.pop("model_kwargs", None))
     for key in ("width", "in_chans", "activation", "alpha", "ws"):
         value = options.pop(key, None)
         if value is not None:
+            if key in kwargs:
+                raise SppError(f"--{key.replace('_', '-')} and --model-kwargs both set {key!r}; give it once")
             kwargs[key] = value
+    if "width" in kwargs and isinstance(kwargs["width"], float):
+        finite_number(kwargs["width"], "--width", positive=True)
+    if "alpha" in kwargs and isinstance(kwargs["alpha"], float):
+        finite_number(kwargs["alpha"], "--alpha", minimum=0.0)
+    if "in_chans" in kwargs:
+        whole_number(kwargs["in_chans"], "--in-chans", minimum=1)
     options["blocks"] = tuple(options.get("blocks") or ())
     options["channel_dim"] = tuple(options.get("channel_dim") or ())
-    return RunConfig(model=model, model_kwargs=kwargs, in_chans=kwargs.get("in_chans"), **options)
+    cfg = RunConfig(model=model, model_kwargs=kwargs, in_chans=kwargs.get("in_chans"), **options)
+    if model:
+        check_model_spec(model, kwargs)
+    return cfg
 
 
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+def _print_error(message: str) -> None:
+    """One ``error:`` line on stderr, on every rank (prefixed with the rank under torchrun)."""
+    rank = os.environ.get("RANK", "").strip()
+    prefix = f"rank {rank}: " if rank not in ("", "0") and not message.startswith(f"rank {rank}:") else ""
+    error_console.print(f"[bold red]error:[/] {prefix}{_escape(message)}", highlight=False, soft_wrap=True,
+                        markup=True)
+
+
+def _fail(message: str, code: int = 2, *, every_rank: bool = True) -> None:
+    """Print ``error: message`` and exit with ``code``: on every rank for an error (each says why it stopped), on
+    rank 0 only for a result such as NaN/Inf in the activations (``every_rank=False``)."""
+    target = error_console if every_rank else console
+    target.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
@@ -153,7 +217,9 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except SppError as exc:
-        _fail(_escape(str(exc)), exc.exit_code)
+        rank = os.environ.get("RANK", "").strip()
+        text = str(exc) if rank in ("", "0") or str(exc).startswith(f"rank {rank}:") else f"rank {rank}: {exc}"
+        _fail(_escape(text), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except (OSError, MemoryError) as exc:
@@ -210,11 +276,13 @@ def _finish(notes: list[str], nonfinite: list[str]) -> None:
     are written, so scripts notice without losing the table that shows where it happened."""
     _warn(notes)
     if nonfinite:
-        _fail(_escape("; ".join(nonfinite)), 3)
+        _fail(_escape("; ".join(nonfinite)), 3, every_rank=False)
 
 
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Record built-in models (the references) again instead "
                                           "of reading their curves from the cache ($SPP_CACHE_DIR).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Let the table replace a file that is an spp record or not a "
+                                        "table spp wrote (refused otherwise).")]
 
 
 @app.command()
@@ -230,13 +298,14 @@ def plot(
              "or 'none' (default: the three families at the depth closest to the model's).", show_default=False)
     ] = None,
     no_cache: NoCacheOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Record a model's SPP and draw it beside the reference ResNets."""
     from spp import commands
 
     with _progress() as progress:
         result = commands.plot_model(cfg, out=out, table=table, reference=reference, progress=progress,
-                               use_cache=not no_cache)
+                               use_cache=not no_cache, force=force)
     _print_summary(result.record)
     for ref in result.references:
         _print_summary(ref, title=f"reference {ref.label}")
@@ -282,13 +351,14 @@ def compare(
     align: Annotated[str, typer.Option(help="auto: by tap name when all names match, else by relative depth "
                                        "(interpolated); or name, or relative.")] = "auto",
     no_cache: NoCacheOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Compare SPPs of records and models: where they diverge most, per block and per stage; one figure."""
     from spp import commands
 
     with _progress() as progress:
         result = commands.compare_sources(sources, cfg, labels=label, out=out, table=table, x=x, align=align,
-                                  progress=progress, use_cache=not no_cache)
+                                  progress=progress, use_cache=not no_cache, force=force)
     _warn(result.warnings)
     _print_comparison(result)
     if result.figure is not None:
@@ -321,9 +391,155 @@ def models(pattern: Annotated[str | None, typer.Argument(help="fnmatch filter, e
     """List the built-in reference models."""
     with _user_errors():
         from spp import commands
+        from spp.errors import SppError
 
-        for name, description in commands.list_models(pattern):
+        found = commands.list_models(pattern)
+        if not found:
+            raise SppError(f"no built-in model matches {pattern!r}; `spp models` lists them all (names like "
+                           "nf_resnet50, bn_relu_resnet600, preln_transformer12)")
+        for name, description in found:
             out_console.print(f"{name:<20} {description}", highlight=False, soft_wrap=True)
+
+
+THRESHOLDS = "Thresholds"
+_THRESHOLD_HELP = {
+    "max_mean_ratio": "mu^2 / sigma^2 above which a block has a mean shift (default 1: |mean| = std).",
+    "max_growth": "Largest accepted change of the stream's variance between blocks, as a factor (default: the "
+                  "linear bound 1 + n over n blocks, where the growth is geometric).",
+    "max_branch_exponent": "p in res_avg_var ~ avg_var ** p above which growth is geometric (default 0.5).",
+    "min_shape_growth": "Variance change within a run below which the exponent is not fitted (default 2).",
+    "max_branch_ratio": "Variance a branch adds / the stream's variance above which it dominates (default 1).",
+    "zero_branch_ratio": "Branch / stream variance below which a branch is negligible (default 2**-18).",
+    "min_added_variance": "Least relative variance growth for the mean-shift increment test (default 0.01).",
+    "max_grad_growth": "Largest accepted change of the gradient's second moment between blocks (default 1 + n).",
+}
+
+
+def _threshold_options(
+    thresholds: Annotated[str | None, typer.Option(
+        "--thresholds", help="TOML file of thresholds: field names of spp.verdicts.Thresholds, top level or under "
+        "[thresholds]; options below override it.", show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    max_mean_ratio: Annotated[float | None, typer.Option(help=_THRESHOLD_HELP["max_mean_ratio"],
+                                                         show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    max_growth: Annotated[float | None, typer.Option(help=_THRESHOLD_HELP["max_growth"], show_default=False,
+                                                     rich_help_panel=THRESHOLDS)] = None,
+    max_branch_exponent: Annotated[float | None, typer.Option(
+        help=_THRESHOLD_HELP["max_branch_exponent"], show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    min_shape_growth: Annotated[float | None, typer.Option(help=_THRESHOLD_HELP["min_shape_growth"],
+                                                           show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    max_branch_ratio: Annotated[float | None, typer.Option(help=_THRESHOLD_HELP["max_branch_ratio"],
+                                                           show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    zero_branch_ratio: Annotated[float | None, typer.Option(help=_THRESHOLD_HELP["zero_branch_ratio"],
+                                                            show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    min_added_variance: Annotated[float | None, typer.Option(
+        help=_THRESHOLD_HELP["min_added_variance"], show_default=False, rich_help_panel=THRESHOLDS)] = None,
+    max_grad_growth: Annotated[float | None, typer.Option(help=_THRESHOLD_HELP["max_grad_growth"],
+                                                          show_default=False, rich_help_panel=THRESHOLDS)] = None,
+) -> None:
+    """Template: the threshold options of `spp check` (never called)."""
+
+
+@app.command()
+@_shared(_model_options, _input_options, passed=[_threshold_options])
+def check(
+    cfg,
+    record_file: Annotated[str | None, typer.Argument(
+        metavar="[RECORD]", help="A saved record (.pt, .json, .parquet, .csv; `spp record`) to check instead of "
+        "recording --model.", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", show_default=False, rich_help_panel=MODEL,
+        help="The model to record and check: anything `spp plot --model` takes.")] = None,
+    json_out: Annotated[str | None, typer.Option(
+        "--json", help="Also write the verdicts as JSON (schema spp.check/1: findings with kind, level, blocks, "
+        "value, threshold, message; healthy) to FILE.json, or - for stdout (the table then goes to stderr).",
+        show_default=False)] = None,
+    # --grad (issue 14, backward SPPs) goes here, added with the recorder's gradient pass: it only sets
+    # cfg's gradient flag; commands.check_source and spp.verdicts need nothing more for the gradient verdicts.
+    **thresholds: Any,
+) -> None:
+    """Verdicts on a model's SPP for CI: mean shift, variance growth or collapse, zero or dominant branches,
+    NaN/Inf. Exit code 0 healthy, 1 findings at error level, 2 usage error, 3 NaN/Inf."""
+    import json
+
+    from spp import commands
+
+    limits = commands.load_thresholds(thresholds.pop("thresholds", None), **thresholds)
+    with _progress() as progress:
+        result = commands.check_source(cfg if model else None, record=record_file, thresholds=limits,
+                                       json_out=json_out, progress=progress)
+    _print_findings(result, console if json_out == "-" else out_console)
+    if json_out == "-":  # through out_console: under torchrun only rank 0 prints it
+        out_console.print(json.dumps(result.to_json(), indent=1, allow_nan=False), markup=False, highlight=False,
+                          soft_wrap=True, emoji=False)
+    elif result.json_path is not None:
+        console.print(f"wrote {result.json_path}", highlight=False)
+    _warn(result.notes)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+_LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "note": "cyan"}
+
+
+def _blocks_text(blocks: tuple[int, int]) -> str:
+    first, last = blocks
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _print_findings(result, target: Console) -> None:
+    """A rich table on a terminal; plain lines when piped (one finding per line, greppable in CI logs)."""
+    from rich.table import Table
+
+    from spp.verdicts import format_findings
+
+    rec, findings = result.record, result.findings
+    counts = {level: sum(f.level == level for f in findings) for level in ("error", "warning", "note")}
+    verdict = "healthy" if result.exit_code == 0 else "NaN/Inf" if result.exit_code == 3 else "unhealthy"
+    summary = (f"spp check {rec.label} ({rec.num_blocks} blocks): {verdict}; {counts['error']} error(s), "
+               f"{counts['warning']} warning(s), {counts['note']} note(s); exit {result.exit_code}")
+    if not target.is_terminal:
+        target.print(format_findings(findings), highlight=False, soft_wrap=True, markup=False)
+        target.print(summary, highlight=False, soft_wrap=True, markup=False)
+        return
+    table = Table(title=summary, title_justify="left")
+    for col, justify in (("level", "left"), ("kind", "left"), ("blocks", "right"), ("value", "right"),
+                         ("threshold", "right"), ("what it means", "left")):
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for f in findings:
+        table.add_row(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/]", f.kind, _blocks_text(f.blocks), _num(f.value, ".4g"),
+                      _num(f.threshold, ".4g"), _escape(f.message))
+    target.print(table)
+
+
+@app.command()
+def gamma(
+    activations: Annotated[list[str], typer.Argument(
+        metavar="ACT...", help="Activations: built-in names (relu, gelu, silu, ...), any torch.nn.functional or "
+        "torch function by name, or an expression in x such as 'x * torch.sigmoid(1.702*x)'.", show_default=False)],
+) -> None:
+    """gamma = 1 / std(g(x)) for x ~ N(0, 1), by quadrature, with the closed form where one exists and
+    DeepMind's / timm's tabulated constant beside it; also E[g(x)] (what Scaled WS removes) and E[g(x)^2]."""
+    with _user_errors():
+        from rich.table import Table
+
+        from spp.models.activations import describe_gamma, format_gamma_table
+
+        reports = describe_gamma(list(activations))
+        if not out_console.is_terminal:
+            typer.echo(format_gamma_table(reports))
+            return
+        table = Table(title="gamma = 1 / std(g(x)), x ~ N(0, 1)", title_justify="left")
+        for col in ("activation", "gamma", "closed form", "table (DeepMind/timm)", "table - gamma", "z", "E[g]",
+                    "E[g^2]"):
+            table.add_column(col, justify="left" if col == "activation" else "right", overflow="fold")
+
+        def num(v: float | None, fmt: str = ".6f") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        for r in reports:
+            table.add_row(_escape(r.spec), num(r.gamma), num(r.closed_form), num(r.table_value, ".4f"),
+                          num(r.table_difference, "+.6f"), num(r.table_z, "+.1f"), num(r.mean), num(r.second_moment))
+        out_console.print(table)
 
 
 def _relative(site: str, block: str) -> str:

@@ -25,6 +25,7 @@ modules see complete per-sample activations; name the blocks as ``named_modules`
 from __future__ import annotations
 
 import atexit
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 import torch
 
-from spp.errors import SppError
+from spp.errors import SppError, one_line
 from spp.moments import ChannelMoments, MergeItem, accumulation_dtype, merge_many
 
 ENV_VARS = ("WORLD_SIZE", "RANK")
@@ -59,16 +60,34 @@ class Context:
         return list(range(self.rank, num_batches, self.world_size))
 
 
-def env_context() -> Context:
-    """The rank / world size torchrun (or any launcher setting WORLD_SIZE and RANK) gave this process."""
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as exc:
-        raise SppError(f"bad distributed environment (WORLD_SIZE / RANK / LOCAL_RANK): {exc}") from None
-    if world < 1 or not 0 <= rank < world:
-        raise SppError(f"bad distributed environment: RANK {rank} of WORLD_SIZE {world}")
+        return int(text, 10)
+    except ValueError:
+        raise SppError(f"bad distributed environment: {name}={text!r} is not a whole number; unset it, or start "
+                       "spp with torchrun") from None
+
+
+def env_context() -> Context:
+    """The rank / world size torchrun (or any launcher setting WORLD_SIZE and RANK) gave this process.
+
+    A variable set without a launcher (RANK without WORLD_SIZE, a rank outside the world, text) is one line at once,
+    never a hang waiting for processes that will not come.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1:
+        raise SppError(f"bad distributed environment: WORLD_SIZE {world}; it must be at least 1")
+    if not 0 <= rank < world:
+        unset = " (WORLD_SIZE is not set: was spp started by a launcher?)" if "WORLD_SIZE" not in os.environ else ""
+        raise SppError(f"bad distributed environment: RANK {rank} of WORLD_SIZE {world}{unset}; start spp with "
+                       "torchrun, or unset RANK")
+    if local < 0:
+        raise SppError(f"bad distributed environment: LOCAL_RANK {local} is negative")
     return Context(rank, world, local)
 
 
@@ -108,16 +127,67 @@ def init_from_env(device: torch.device | None = None) -> Context:
         raise SppError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if dist.is_initialized():
         return current()
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+    if not os.environ.get("MASTER_ADDR", "").strip() or "MASTER_PORT" not in os.environ:
         raise SppError("WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are not set: start spp with torchrun, "
                        "e.g. torchrun --nproc-per-node 2 -m spp record ...")
+    port = _env_int("MASTER_PORT", 0)
+    if not 1 <= port <= 65535:
+        raise SppError(f"bad distributed environment: MASTER_PORT {port} is not a port (1 to 65535)")
+    store = _rendezvous(ctx, os.environ["MASTER_ADDR"].strip(), port)
     kwargs: dict[str, Any] = {"backend": "gloo"}
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs = {"backend": "nccl", "device_id": device}
-    dist.init_process_group(**kwargs)
+    try:
+        dist.init_process_group(store=store, rank=ctx.rank, world_size=ctx.world_size, **kwargs)
+    except Exception as exc:
+        raise SppError(f"rank {ctx.rank}: could not start the {kwargs['backend']} process group: "
+                       f"{one_line(exc, 200)}") from None
     atexit.register(_shutdown)
     return current()
+
+
+TIMEOUT_ENV = "SPP_DIST_TIMEOUT"
+DEFAULT_RENDEZVOUS_SECONDS = 60.0
+
+
+def rendezvous_timeout() -> float:
+    """How long the ranks wait for each other to start (``$SPP_DIST_TIMEOUT`` seconds, default 60): a rank started
+    without the others fails after this, in one line, instead of waiting for torch's 30 minutes."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_RENDEZVOUS_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SppError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds")
+    return seconds
+
+
+def _rendezvous(ctx: Context, host: str, port: int) -> Any:
+    """The ranks meet at rank 0's TCP store within ``rendezvous_timeout()``; then the store waits as long as
+    torch's collectives do (a slow rank is not a broken launch)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from spp.loading import native_stderr
+
+    seconds = rendezvous_timeout()
+    try:
+        with native_stderr():  # c10d prints C++ frames on each retry: the one line below says it all
+            store = dist.TCPStore(host, port, ctx.world_size, ctx.rank == 0, timedelta(seconds=seconds),
+                                  wait_for_workers=True)
+    except Exception as exc:
+        who = (f"the other {ctx.world_size - 1} rank(s) did not join rank 0 at {host}:{port}" if ctx.rank == 0
+               else f"could not reach rank 0 at {host}:{port}")
+        raise SppError(f"rank {ctx.rank}: {who} within {seconds:g} s ({one_line(exc, 120)}); were all "
+                       f"{ctx.world_size} ranks started by torchrun with the same MASTER_ADDR / MASTER_PORT? "
+                       f"({TIMEOUT_ENV} sets the wait)") from None
+    store.set_timeout(timedelta(minutes=30))
+    return store
 
 
 def _shutdown() -> None:

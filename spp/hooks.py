@@ -31,7 +31,7 @@ from spp.moments import ChannelMoments, MergeItem, Workspace, batch_moments, mer
 from spp.records import Record
 from spp.schema import NAMES
 from spp.taps import Difference, Site, Tap
-from spp.validate import parse_channel_dims
+from spp.validate import check_record_call, check_recorder_arguments, parse_channel_dims
 
 Batch = torch.Tensor | Mapping[str, Any] | Sequence[Any]
 Consumer = Callable[[torch.Tensor], None]
@@ -135,6 +135,8 @@ class SignalRecorder:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SppError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        check_recorder_arguments(mode=mode, stochastic=stochastic, blocks=blocks, residual_tap=residual_tap,
+                                 channel_dim=channel_dim, taps=taps, settings=settings)
         self.model = model
         self.taps: list[Tap] = list(taps) if taps is not None else find_taps(
             model, rules=rules, blocks=blocks, residual_tap=residual_tap
@@ -336,8 +338,8 @@ class SignalRecorder:
         override = self._override(i)
         if override is not None:
             if not -x.ndim <= override < x.ndim:
-                raise SppError(f"--channel-dim {override} for {tap.name}: a tensor of shape {shape} has no axis "
-                               f"{override}")
+                raise SppError(f"channel axis {override} does not exist in a tensor of shape {shape} (--channel-dim "
+                               f"for {tap.name}; valid: {-x.ndim} to {x.ndim - 1})")
             return override % x.ndim, "--channel-dim"
         if role == BRANCH and tap.residual_transforms:
             # The branch is read before transposes / permutes: its channel axis is the stream's, mapped back.
@@ -717,6 +719,7 @@ def record(
     micro-batches (possibly none); the moments are merged across ranks (``spp.distributed.merge_moments``) and
     every rank returns the Record over all ranks' samples.
     """
+    check_record_call(on_batch=on_batch, distributed=distributed, settings=settings)
     batches = _micro_batches(inputs)
     recorder = SignalRecorder(
         model, rules=rules, blocks=blocks, residual_tap=residual_tap, channel_dim=channel_dim, taps=taps, mode=mode,

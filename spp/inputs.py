@@ -25,7 +25,7 @@ import torch
 
 from spp.errors import SppError
 from spp.loading import IMAGENET_CONFIG
-from spp.validate import check_batching
+from spp.validate import check_batching, check_seed, finite_number
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_EXTENSIONS = (".pt", ".pth", ".npy")
@@ -98,14 +98,17 @@ class GaussianInput(InputSource):
 
     def __post_init__(self) -> None:
         check_batching(self.batch_size, self.num_samples)
-        if not self.shape or any(int(d) < 1 for d in self.shape):
-            raise SppError(f"input shape must be positive, not {tuple(self.shape)}")
+        check_seed(self.seed)
+        finite_number(self.std, "--input-std", positive=True)
+        if not self.shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.shape):
+            raise SppError(f"input shape must be positive whole numbers, not {tuple(self.shape)}")
 
     def batch(
         self, j: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         n = len(self.batch_slice(j))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        # (seed, j) -> one 64-bit generator seed; the same as seed * 1_000_003 + j wherever that fits in 64 bits
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + j) % 2**64)
         x = torch.randn((n, *self.shape), generator=gen)
         if self.std != 1.0:
             x.mul_(self.std)
@@ -126,19 +129,24 @@ class GaussianInput(InputSource):
 
 
 def find_images(path: str) -> list[str]:
-    """Image files named by ``path``: a folder (searched recursively), a glob pattern, or one file; sorted."""
+    """Image files named by ``path``: a folder (searched recursively), a glob pattern, or one file; sorted.
+
+    Only regular files count: a pipe or device named like an image would make the read hang.
+    """
+    from spp.files import check_input_file
+
     if os.path.isdir(path):
         found = [
             os.path.join(root, f)
             for root, _, files in os.walk(path)
             for f in files
-            if f.lower().endswith(IMAGE_EXTENSIONS)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))
         ]
         if not found:
             raise SppError(f"--input {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         return sorted(found)
-    if os.path.isfile(path):
-        return [path]
+    if os.path.lexists(path):
+        return [str(check_input_file(path, "--input"))]
     if glob.has_magic(path):
         found = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
         if not found:
@@ -278,31 +286,90 @@ class ImageInput(InputSource):
 # ---- tensor files ------------------------------------------------------------------------------------------
 
 
-def load_tensor_file(path: str) -> Any:
-    """A ``.pt`` tensor (or a dict holding exactly one) or a ``.npy`` array, memory-mapped where possible."""
-    if path.lower().endswith(".npy"):
-        import numpy as np
+def _refuse_dtype(path: str, kind: str, dtype: Any) -> None:
+    """Numbers spp can feed a model: floats, and integers (token ids, uint8 images); not complex, bool or text."""
+    if kind == "c":
+        raise SppError(f"--input {path}: holds complex values ({dtype}); spp records real signals, save the real "
+                       "part or the magnitude")
+    if kind == "b":
+        raise SppError(f"--input {path}: holds booleans ({dtype}), not numbers; save them as float32")
+    if kind not in "iuf":
+        raise SppError(f"--input {path}: a file of numbers is needed, not dtype {dtype}")
 
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise SppError(
-                f"--input {path}: not a plain numeric .npy array ({' '.join(str(exc).split())})"
-            ) from None
-        except OSError as exc:
-            raise SppError(f"--input {path}: cannot read ({exc})") from None
-        if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-            raise SppError(f"--input {path}: a .npy of numbers is needed, not dtype {array.dtype}")
-        return array
+
+def _load_npy(path: str) -> Any:
+    """A ``.npy`` array, memory-mapped, after its header has been read and checked against the file's size."""
+    import numpy as np
+
+    size = os.path.getsize(path)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f"unknown .npy format version {version}")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0  # 3.0 differs from 2.0 only in the field names' encoding
+            shape, _fortran, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        why = "it does not start with the .npy magic bytes" if "magic" in str(exc).lower() else \
+            " ".join(str(exc).split())[:160]
+        raise SppError(f"--input {path}: not a .npy file ({why})") from None
+    if dtype.hasobject:
+        raise SppError(f"--input {path}: holds Python objects (dtype {dtype}), which only unpickling can read; "
+                       "spp reads numbers only")
+    _refuse_dtype(path, dtype.kind, dtype)
+    claimed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    if claimed != size - offset:
+        raise SppError(f"--input {path}: its header claims shape {tuple(shape)} of {dtype} ({claimed} bytes) but "
+                       f"the file holds {size - offset} bytes after it (truncated or damaged)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SppError(f"--input {path}: cannot read ({' '.join(str(exc).split())[:160]})") from None
+
+
+def _check_tensor(path: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor spp can slice into micro-batches: dense, real, on a plain storage that holds what its shape and
+    strides claim (checked before anything iterates over it)."""
+    if t.layout != torch.strided:
+        raise SppError(f"--input {path}: a {str(t.layout).replace('torch.', '')} tensor; save it dense "
+                       "(tensor.to_dense())")
+    if t.is_quantized or t.is_meta or t.is_nested:
+        raise SppError(f"--input {path}: a quantized, meta or nested tensor; save a plain dense tensor")
+    _refuse_dtype(path, "c" if t.is_complex() else "b" if t.dtype == torch.bool else
+                  "f" if t.is_floating_point() else "i", t.dtype)
+    if t.numel():
+        needed = (t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1)
+        if any(st < 0 for st in t.stride()) or needed * t.element_size() > t.untyped_storage().nbytes():
+            raise SppError(f"--input {path}: the tensor claims shape {tuple(t.shape)} but its data hold "
+                           f"{t.untyped_storage().nbytes()} bytes (damaged file)")
+    return t
+
+
+def load_tensor_file(path: str) -> Any:
+    """A ``.pt`` tensor (or a dict holding exactly one) or a ``.npy`` array, memory-mapped where possible.
+
+    The path must be a regular file (``spp.files.check_input_file``); a ``.npy`` header is checked against the
+    file's size and a tensor's claimed size against its storage before any sample is read; only real numbers are
+    accepted (integers too: token ids).
+    """
+    from spp.errors import one_line
+    from spp.files import check_input_file
+
+    check_input_file(path, "--input")
+    if path.lower().endswith(".npy"):
+        return _load_npy(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on sparse checks or legacy files: not the user's news
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SppError(
-            f"--input {path}: not a tensor file torch.load reads with weights_only=True "
-            f"({type(exc).__name__})"
+            f"--input {path}: not a tensor file torch.load reads with weights_only=True ({one_line(exc, 160)})"
         ) from None
     if isinstance(obj, dict):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -312,7 +379,20 @@ def load_tensor_file(path: str) -> Any:
         obj = next(iter(tensors.values()))
     if not isinstance(obj, torch.Tensor):
         raise SppError(f"--input {path}: holds a {type(obj).__name__}, not a tensor")
-    return obj
+    return _check_tensor(path, obj)
+
+
+def input_hint(source: InputSource) -> str:
+    """A hint for the end of a forward's error when the input is of integers: images need floats."""
+    data = getattr(source, "data", None)
+    dtype = getattr(data, "dtype", None)
+    if dtype is None:
+        return ""
+    floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else getattr(dtype, "kind", "f") == "f"
+    if floating:
+        return ""
+    return (f" (the input holds {str(dtype).replace('torch.', '')} values: models of images need floats, e.g. "
+            "uint8 pixels saved as float32 / 255; integers suit models that embed token ids)")
 
 
 class TensorInput(InputSource):
@@ -426,8 +506,6 @@ def make_input(
         )
     path = os.path.expanduser(text)
     if path.lower().endswith(TENSOR_EXTENSIONS):
-        if not os.path.isfile(path):
-            raise SppError(f"--input {path}: no such file")
         return TensorInput(
             load_tensor_file(path), num_samples=num_samples, batch_size=batch_size, in_chans=chans, where=path
         )

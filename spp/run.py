@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from spp.errors import SppError
 from spp.records import Record
-from spp.validate import check_batching, parse_channel_dims
+from spp.validate import check_run_settings
 
 # Built-in ResNets downsample by 32: below this the last stage has no spatial extent left.
 MIN_RESOLUTION = 32
@@ -48,16 +47,7 @@ class RunConfig:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("train", "eval"):
-            raise SppError(f"--mode must be train or eval, not {self.mode!r}")
-        check_batching(self.batch_size, self.num_samples)
-        if self.seq_len is not None and (isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int)
-                                         or self.seq_len < 1):
-            raise SppError(f"--seq-len must be a whole number of at least 1, not {self.seq_len!r}")
-        if self.channel_dim:
-            parse_channel_dims(list(self.channel_dim))  # a bad --channel-dim fails before any work
-        if self.resolution is not None and self.resolution < 1:
-            raise SppError(f"--resolution must be positive, not {self.resolution}")
+        check_run_settings(asdict(self))  # every field, before anything is loaded (spp.validate)
 
     def with_model(self, model: str, **kwargs: Any) -> RunConfig:
         """The same inputs for another model (nothing of this model's loading carried over)."""
@@ -164,7 +154,7 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
     try:
         with (progress or no_progress)(f"recording {cfg.label or loaded.name}", total) as on_batch, \
                 autocast(device, dtype):
-            return hooks.record(
+            rec = hooks.record(
                 model,
                 source.batches(indices, device=device),
                 mode=cfg.mode,  # type: ignore[arg-type]  # checked in RunConfig
@@ -176,13 +166,18 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
                 on_batch=on_batch,
                 distributed=ctx.active,
             )
-    except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = re.sub(r"\s+", " ", first)[:300]
-        sample = source.describe().get("input_shape") or []
-        shape = ", ".join(["batch", *map(str, sample)])
-        raise SppError(f"{loaded.name} failed on {source.describe().get('input', 'input')} of shape ({shape}): "
-                       f"{first}") from None
+    except SppError:
+        raise
+    except BaseException as exc:  # the forward is the user's code: any failure (SystemExit too) is one line
+        from spp.inputs import input_hint
+        from spp.loading import user_code_error
+
+        shape = ", ".join(str(d) for d in settings.get("input_shape") or ())
+        raise user_code_error(exc, f"{loaded.name}'s forward", input_hint(source),
+                              failed=f"failed on input of shape (batch, {shape})") from None
+    if "skipped_images" in settings:  # images are read during the forward: count the unreadable ones now
+        rec.settings["skipped_images"] = source.describe()["skipped_images"]
+    return rec
 
 
 def _has_batch_statistics(model: Any) -> bool:

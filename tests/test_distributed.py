@@ -182,3 +182,23 @@ def test_torchrun_cli_writes_once_and_matches(tmp_path):
     cfg = RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, num_samples=12,
                     batch_size=4)
     assert_same_stats(record_run(cfg), load_record(out))
+
+
+def test_a_rank_started_alone_fails_in_one_line_on_every_rank(tmp_path):
+    """A launch where the other rank never comes: rank 0 waits SPP_DIST_TIMEOUT (1 s) for it, rank 1 (started
+    against a port nobody listens on) as long for rank 0; each says so in one line, prefixed with its rank (a rank
+    other than 0 prints its error too), and exits 2 instead of waiting torch's 30 minutes. No C++ frames leak."""
+    args = [sys.executable, "-m", "spp", "record", "-m", "nf_resnet50", "--width", "0.0625", "--resolution", "32",
+            "--batch-size", "2"]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, **dist_env(rank, 2, free_port()), "SPP_DIST_TIMEOUT": "1", "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([*args, "-o", str(tmp_path / f"r{rank}.json")], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert proc.returncode == 2, out
+        assert len(lines) == 1 and lines[0].startswith(f"error: rank {rank}: "), out
+        assert "within 1 s" in lines[0] and "torchrun" in lines[0]
+    assert not list(tmp_path.iterdir())

@@ -80,3 +80,25 @@ def test_transformer_references():
     nf = lines["nf_transformer6"]
     assert nf[4] == "1.040" and nf[8] == "1.480", nf
     assert all(0.7 < float(cols[1]) < 1.3 for cols in lines.values())
+
+
+def test_check_in_ci_passes_for_a_good_block_and_fails_for_a_broken_one(monkeypatch):
+    """The copyable CI test passes as shipped (a BN-ReLU-Conv block: each adds about 1 - 1/pi to the variance,
+    linear growth, no mean) and fails once the block is swapped for one that breaks signal propagation: He init
+    without normalisation gives Var(branch) = 2 E[relu(x)^2] = Var(x) + mean^2, so the variance doubles every block
+    (geometric growth: the branch exponent is 1) and the ReLU's mean accumulates."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(EXAMPLES / "check_in_ci.py")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}, cwd=EXAMPLES.parent)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import check_in_ci
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    import pytest
+
+    monkeypatch.setattr(check_in_ci, "MyBlock", check_in_ci.BrokenBlock)
+    with pytest.raises(AssertionError, match="breaks signal propagation") as failed:
+        check_in_ci.test_my_block_keeps_signal_propagation()
+    assert "error: variance_growth" in str(failed.value)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import pathlib
 import pickle
+import signal
+import stat
 import struct
+import subprocess
+import sys
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -18,10 +24,19 @@ from typer.testing import CliRunner
 import spp
 from spp.cli import app
 from spp.errors import SppError
-from spp.files import RECORD_SUFFIXES, float_token, load_record, parse_float, save_record, sidecar, write_table
+from spp.files import (
+    RECORD_SUFFIXES,
+    commit_outputs,
+    float_token,
+    load_record,
+    parse_float,
+    save_record,
+    sidecar,
+    write_table,
+)
 from spp.records import Record
 from spp.run import RunConfig, record_run
-from spp.schema import FORMAT_VERSION, NAMES
+from spp.schema import COLUMNS, FORMAT_VERSION, NAMES
 
 TINY = ["--width", "0.0625", "--resolution", "32", "--batch-size", "2"]
 FORMATS = [s.lstrip(".") for s in RECORD_SUFFIXES]
@@ -274,3 +289,241 @@ def test_cli_record_rejects_bad_suffix_before_recording(tmp_path):
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
         f"error: --out '{tmp_path / 'r.txt'}': unknown suffix '.txt'; use one of .pt, .json, .parquet, .csv"]
     assert not list(tmp_path.iterdir())
+
+
+# ---- commit_outputs: every output replaces its old file, or none does ---------------------------------------------
+def _old_outputs(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    a, b = folder / "fig.png", folder / "table.csv"
+    a.write_bytes(b"old figure")
+    b.write_text("old table\n")
+    return a, b
+
+
+def _write(text: str):
+    return lambda tmp: pathlib.Path(tmp).write_text(text)
+
+
+@contextlib.contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600), (0o002, 0o664)])
+def test_new_outputs_get_the_umask_mode(tmp_path, mask, mode):
+    """A new file is created 0666 & ~umask, as open() would create it (not mkstemp's 0600)."""
+    with _umask(mask):
+        commit_outputs([(tmp_path / "a.csv", _write("a")), (tmp_path / "b.json", _write("b"))])
+        save_record(_tiny_record(), tmp_path / "r.csv")
+    for name in ("a.csv", "b.json", "r.csv", "r.csv.meta.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o664, 0o640])
+def test_replaced_outputs_keep_their_mode(tmp_path, mode):
+    a, b = _old_outputs(tmp_path)
+    for p in (a, b):
+        os.chmod(p, mode)
+    with _umask(0o077):  # the umask would say 0600: an existing file keeps its own mode instead
+        commit_outputs([(a, _write("new figure")), (b, _write("new table"))])
+    assert (a.read_text(), b.read_text()) == ("new figure", "new table")
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (a, b)} == {mode}
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(),
+                                     ValueError("writer bug")], ids=["disk_full", "sigint", "error"])
+def test_a_failing_output_leaves_every_old_output(tmp_path, failure):
+    """The figure is written, the table fails (a full disk, Ctrl-C, a bug): the old figure is still there, not
+    the new one, and no temporary file is left."""
+    a, b = _old_outputs(tmp_path)
+
+    def broken(tmp):
+        pathlib.Path(tmp).write_text("partial")
+        raise failure
+
+    with pytest.raises(type(failure)):
+        commit_outputs([(a, _write("new figure")), (b, broken)])
+    assert (a.read_bytes(), b.read_text()) == (b"old figure", "old table\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]
+
+
+def test_a_failing_rename_puts_back_the_outputs_already_replaced(tmp_path, monkeypatch):
+    a, b = _old_outputs(tmp_path)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(b) and ".tmp" in str(src):
+            raise OSError(errno.EIO, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SppError, match=r"could not put .*table\.csv in place \(\[Errno 5\] I/O error\); every "):
+        commit_outputs([(a, _write("new figure")), (b, _write("new table"))])
+    assert (a.read_bytes(), b.read_text()) == (b"old figure", "old table\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]
+
+
+def test_sigint_during_the_swap_waits_until_every_output_is_in_place(tmp_path, monkeypatch):
+    """Ctrl-C arriving between two renames is held back: both new outputs land, then KeyboardInterrupt."""
+    a, b = _old_outputs(tmp_path)
+    real = os.replace
+    sent = []
+
+    def replace(src, dst):
+        if not sent:
+            sent.append(dst)
+            signal.raise_signal(signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        commit_outputs([(a, _write("new figure")), (b, _write("new table"))])
+    assert sent and (a.read_text(), b.read_text()) == ("new figure", "new table")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_symlinked_output_is_written_through_its_link(tmp_path):
+    real = tmp_path / "real.csv"
+    real.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    commit_outputs([(link, _write("new"))])
+    assert link.is_symlink() and real.read_text() == "new"
+
+
+SIGTERM_SCRIPT = """
+import os, pathlib, signal, sys, time
+from spp.files import commit_outputs
+folder = pathlib.Path(sys.argv[1])
+
+def dies(tmp):
+    pathlib.Path(tmp).write_text("partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+commit_outputs([(folder / "fig.png", lambda t: pathlib.Path(t).write_text("new")), (folder / "table.csv", dies)])
+print("not reached")
+"""
+
+
+def test_sigterm_while_writing_leaves_old_outputs_and_no_temporary_file(tmp_path):
+    """SIGTERM (default action: end the process) unwinds the write first: the process still dies by SIGTERM, the
+    old outputs are intact and no ``.NAME.*.tmp`` file is left beside them."""
+    a, b = _old_outputs(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert "not reached" not in done.stdout
+    assert (a.read_bytes(), b.read_text()) == (b"old figure", "old table\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]
+
+
+def test_a_csv_record_and_its_sidecar_are_one_unit(tmp_path, monkeypatch):
+    import spp.files as files
+
+    path = tmp_path / "r.csv"
+    save_record(_tiny_record(), path)
+    before = (path.read_bytes(), sidecar(path).read_bytes())
+
+    def full(rows, tmp, header):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_save_csv", full)
+    changed = Record(rows=_tiny_record().rows, stage_ends=[1], settings={"label": "changed"})
+    with pytest.raises(OSError):
+        save_record(changed, path)
+    assert (path.read_bytes(), sidecar(path).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.csv.meta.json"]
+
+
+# ---- reading: bounded, every field validated, in every format -------------------------------------------------
+def _tiny_record() -> Record:
+    rows = []
+    for i in range(2):
+        row = {c.name: c.python_type() for c in COLUMNS}  # 0, 0.0 or "" by the column's type
+        row.update(block=i, layer=i, branch="", name=f"b{i}", stage=i, avg_sq_mean=0.1, avg_var=1.0 + i,
+                   res_avg_var=float("nan") if i == 0 else 0.5, expected_var=float("nan"), channels=4, count=8,
+                   nonfinite=0, module="", output_site="", residual_site="", stream="", rule="", note="")
+        rows.append({n: row[n] for n in NAMES})
+    return Record(rows=rows, stage_ends=[1], settings={"label": "tiny"})
+
+
+def _tamper(path: pathlib.Path, change) -> None:
+    """Rewrite the header (and rows) of a saved record through ``change(doc)``, in the file's own format."""
+    suffix = path.suffix
+    if suffix == ".json":
+        doc = json.loads(path.read_text())
+        change(doc)
+        path.write_text(json.dumps(doc))
+    elif suffix == ".csv":
+        doc = json.loads(sidecar(path).read_text())
+        change(doc)
+        sidecar(path).write_text(json.dumps(doc))
+    elif suffix == ".parquet":
+        table = pq.read_table(path)
+        doc = json.loads(table.schema.metadata[b"spp.record"])
+        change(doc)
+        pq.write_table(table.replace_schema_metadata({b"spp.record": json.dumps(doc)}), path)
+    else:
+        doc = torch.load(path, weights_only=True)
+        change(doc)
+        torch.save(doc, path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(stage_ends=[1000, -5]), "stage end 1000 is not a row index of its 2 rows"),
+    (lambda d: d.update(stage_ends=[]), "its last stage ends at row None, not at its last row 1"),
+    (lambda d: d.update(stage_ends=[True]), "its stage ends are [True], not a list of row indices"),
+    (lambda d: d.update(version=0), "its format version is 0"),
+    (lambda d: d.update(version=FORMAT_VERSION + 1), "was written by a newer spp"),
+    (lambda d: d.update(types={**d["types"], "count": "float"}), "column 'count' is float, not int"),
+], ids=["ends_outside", "ends_missing", "ends_bool", "version_zero", "version_newer", "count_type"])
+def test_damaged_headers_are_refused_in_every_format(tmp_path, fmt, change, message):
+    path = tmp_path / f"r.{fmt}"
+    save_record(_tiny_record(), path)
+    _tamper(path, change)
+    with pytest.raises(SppError) as err:
+        load_record(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_negative_counts_are_refused(tmp_path):
+    path = tmp_path / "r.json"
+    save_record(_tiny_record(), path)
+    doc = json.loads(path.read_text())
+    doc["rows"][1]["channels"] = -4
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SppError, match=r"row 1 has channels -4 \(negative\)"):
+        load_record(path)
+    doc["rows"][1]["channels"] = 4.5
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SppError, match=r"not a whole number: 4\.5"):
+        load_record(path)
+
+
+def test_plain_tables_are_validated_too(tmp_path):
+    """A plot table whose block column goes backwards is refused (stage ends are derived from it)."""
+    path = tmp_path / "t.csv"
+    path.write_text("block,name,stage,avg_sq_mean,avg_var,res_avg_var,channels,count,nonfinite\n"
+                    "0,stem,0,0.1,1.0,,4,8,0\n2,b2,1,0.1,1.0,0.5,4,8,0\n1,b1,1,0.1,1.0,0.5,4,8,0\n")
+    with pytest.raises(SppError, match=r"block indices do not increase at row 2 \(2 then 1\)"):
+        load_record(path)
+
+
+def test_record_files_are_checked_before_they_are_read(tmp_path):
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SppError, match=r"r\.json is a pipe, not a regular file"):
+        load_record(fifo)  # a read would block forever
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(SppError, match=r"d\.json is a folder, not a file"):
+        load_record(tmp_path / "d.json")
+    (tmp_path / "e.json").write_text("")
+    with pytest.raises(SppError, match=r"e\.json is empty \(0 bytes\)"):
+        load_record(tmp_path / "e.json")

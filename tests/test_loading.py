@@ -121,7 +121,12 @@ def test_bad_kwargs_are_one_line():
         parse_kwargs("{width: 1}")
 
 
-def test_pretrained_without_network_is_a_clear_error(monkeypatch):
+def test_pretrained_download_failure_is_a_clear_error(monkeypatch):
+    """The hub answers the probe but the download fails: one line with the library's own reason."""
+    import spp.loading
+
+    monkeypatch.setattr(spp.loading, "_reachable", lambda host, **kw: True)
+
     def offline(*args, pretrained=False, **kwargs):
         if pretrained:
             raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -131,15 +136,15 @@ def test_pretrained_without_network_is_a_clear_error(monkeypatch):
     with pytest.raises(SppError) as exc:
         load_model("timm:resnet18", pretrained=True)
     assert one_line(exc) == (
-        "could not fetch pretrained weights for resnet18: OSError: We couldn't connect to 'https://huggingface.co'; "
-        "run without --pretrained or pass --checkpoint"
+        "fetching the pretrained weights of resnet18 failed: OSError: We couldn't connect to "
+        "'https://huggingface.co'; run without --pretrained or pass --checkpoint"
     )
 
     def no_download(name, weights=None, **kwargs):
         raise RuntimeError(f"<urlopen error [Errno -2] Name or service not known> ({name}, {weights})")
 
     monkeypatch.setattr(torchvision.models, "get_model", no_download)
-    with pytest.raises(SppError, match=r"^could not fetch pretrained weights for resnet18: RuntimeError: <urlopen"):
+    with pytest.raises(SppError, match=r"^fetching the pretrained weights of resnet18 failed: RuntimeError: <urlopen"):
         load_model("torchvision:resnet18", pretrained=True)
     with pytest.raises(SppError, match="built-in reference model without pretrained weights"):
         load_model("nf_resnet50", pretrained=True)
