@@ -126,6 +126,22 @@ def _by_rules(model: nn.Module, rules: Sequence[Rule]) -> list[Tap]:
     return taps
 
 
+def _nothing_found(model: nn.Module) -> SppError:
+    """Why no block was found: the model adds nothing to anything (DenseNet concatenates, VGG is plain), or it
+    adds where no rule can read it (then --blocks is the way)."""
+    from spp.rules.traced import adds_in
+
+    adding = [name for name, module in model.named_modules() if adds_in(module)]
+    kind = type(model).__name__
+    if not adding:
+        return SppError(f"no residual addition in {kind}: no module's forward adds a computed branch to its input, "
+                        "so there is no residual stream to plot (DenseNet concatenates, VGG is plain)")
+    shown = ", ".join(adding[:3]) + (", ..." if len(adding) > 3 else "")
+    return SppError(f"no residual block found in {kind}, though {len(adding)} module(s) add tensors ({shown}) in a "
+                    "way no rule proves residual; name the blocks with --blocks PATTERN (fnmatch on module names) "
+                    "and, if needed, --residual-tap CHILD")
+
+
 def _site_module(tap: Tap) -> str:
     return tap.residual.module if isinstance(tap.residual, Site) else ""
 
@@ -167,10 +183,7 @@ def find_taps(
         )
     taps = _by_patterns(model, blocks, rules) if blocks else _by_rules(model, rules)
     if not taps:
-        raise SppError(
-            f"no residual blocks found in {type(model).__name__}; name them with --blocks PATTERN "
-            "(fnmatch on module names, e.g. --blocks 'layer*.?') and, if needed, --residual-tap CHILD"
-        )
+        raise _nothing_found(model)
     if residual_tap:
         taps = _with_residual_tap(model, taps, residual_tap)
     stage_of: dict[str, int] = {}

@@ -98,7 +98,7 @@ def test_a_user_rule_list_is_plain_data():
 
 
 def test_no_rules_finds_nothing():
-    with pytest.raises(SppError, match="no residual blocks found"):
+    with pytest.raises(SppError, match="no residual block found in Chain, though 1 module"):
         find_taps(Chain(_Mine()), rules=[])
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -360,3 +361,66 @@ def test_layout_explicit_channel_dim_override():
     rows = _check_layout(model, x, 2, channel_dim=2)  # statistics per row (axis 2), not per channel
     assert not math.isclose(rows[0], _direct(x, 1)[0], rel_tol=1e-3)  # the override changed the answer
 
+
+
+# ---- trust: axes proven, identities checked, refusals that say why -------------------------------------------------
+class _NormThenConv(nn.Module):
+    """x + conv(norm(x)) in NCHW, with a LayerNorm subclass that permutes (timm's LayerNorm2d pattern): its type says
+    "channels last", the tensor's channels are on axis 1."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        from tests.test_axes import PermutingLayerNorm
+
+        self.norm = PermutingLayerNorm(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(self.norm(x))
+
+
+def test_the_channel_axis_comes_from_the_layers_not_a_norms_type():
+    torch.manual_seed(0)
+    model = Chain(_NormThenConv(), _NormThenConv(), stem=nn.Conv2d(3, 6, 1)).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    rec = spp.hooks.record(model, x, mode="eval")
+    assert [r["axis"] for r in rec.rows] == [1, 1, 1] and [r["check"] for r in rec.rows] == ["-", "verified",
+                                                                                               "verified"]
+    out = capture_outputs(model, ["blocks.0"], [x])["blocks.0"][0]
+    assert_close(rec.rows[1]["avg_var"], direct_stats(out, 1)[1], 1e-6, "block 0 on axis 1")
+
+
+def test_a_wrong_branch_site_is_refused_not_plotted():
+    """A hand-made tap naming the branch's inner BN as the branch: the residual identity fails on the first batch,
+    the row holds NaN and says why."""
+    from spp.discovery import find_taps
+    from spp.taps import Site
+    from tests.toys import PreActToy
+
+    torch.manual_seed(0)
+    model = Chain(PreActToy(), PreActToy()).eval()
+    taps = find_taps(model)
+    wrong = [taps[0], dataclasses.replace(taps[1], residual=Site("blocks.0.branch.0")), taps[2]]
+    rec = spp.hooks.record(model, torch.randn(2, 4, 8, 8), mode="eval", taps=wrong)
+    row = rec.rows[1]
+    assert row["check"] == "refused" and "residual identity fails" in row["note"]
+    assert math.isnan(row["avg_var"]) and math.isnan(row["res_avg_var"]) and rec.rows[2]["check"] == "verified"
+
+
+class _Opaque(nn.Module):
+    """x + f(x) where nothing around the tensors is a layer whose type says where channels are."""
+
+    def forward(self, x):
+        return x + torch.tanh(x.flip(1))
+
+
+def test_an_unprovable_axis_is_refused_until_named():
+    model = Chain(_Opaque(), _Opaque()).eval()
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    rec = spp.hooks.record(model, x, mode="eval", blocks=["blocks.*"])
+    assert all(r["check"] == "refused" and "--channel-dim" in r["note"] for r in rec.rows[1:])
+    named = spp.hooks.record(model, x, mode="eval", blocks=["blocks.*"], channel_dim={"blocks.*": 1, "stem": 1})
+    assert [r["axis"] for r in named.rows] == [1, 1, 1] and all(r["check"] != "refused" for r in named.rows)
+    assert_close(named.rows[0]["avg_var"], direct_stats(x, 1)[1], 1e-6, "stem on axis 1")
+    with pytest.raises(SppError, match="channel axis 3 does not exist"):
+        spp.hooks.record(model, x, mode="eval", blocks=["blocks.*"], channel_dim=3)

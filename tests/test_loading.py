@@ -29,13 +29,19 @@ FACTORY_FILE = textwrap.dedent(
         def __init__(self, width=4):
             super().__init__()
             self.stem = nn.Conv2d(3, width, 3, padding=1)
-            self.body = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+            self.block = Block(width)
             self.head = nn.Linear(width, 2)
 
         def forward(self, x):
-            x = self.stem(x)
-            x = x + self.body(x)
-            return self.head(x.mean((2, 3)))
+            return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.body = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+
+        def forward(self, x):
+            return x + self.body(x)
 
     def make(width=4, seed=0):
         torch.manual_seed(seed)
@@ -164,14 +170,14 @@ def test_factory_file(factory_file):
     assert (loaded.source, loaded.name) == ("file", "make")
     assert loaded.model.stem.out_channels == 6
     taps = find_taps(loaded.model)
-    assert [t.residual for t in taps[1:]] == [Site("body")]  # the traced fallback finds its one residual add
+    assert [t.residual for t in taps[1:]] == [Site("block.body")]  # the traced fallback finds its residual add
 
 
 def test_factory_file_errors(factory_file, tmp_path):
     with pytest.raises(SppError) as exc:
         load_model(f"{factory_file}:mak")
     assert one_line(exc) == (
-        f"{factory_file} has no factory 'mak' (did you mean: make?); it defines: Toy, make, not_a_module"
+        f"{factory_file} has no factory 'mak' (did you mean: make?); it defines: Block, Toy, make, not_a_module"
     )
     with pytest.raises(SppError, match=r"not_a_module returned int, not a torch.nn.Module"):
         load_model(f"{factory_file}:not_a_module")

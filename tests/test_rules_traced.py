@@ -31,15 +31,22 @@ from tests.toys import (
     ActAfterFunctionalToy,
     Chain,
     FunctionalToy,
+    HeadAfterAddToy,
     InplaceToy,
     NamedShortcutToy,
+    NestedToy,
     NotResidualToy,
     ParallelHeadsToy,
     PooledShortcutToy,
     PostActProjToy,
+    PostNormToy,
     PreActToy,
+    ReshapeToy,
+    ResScaleToy,
     ScaledToy,
+    TokenMixToy,
     TwoAddToy,
+    TwoStreams,
     UntraceableToy,
 )
 
@@ -130,7 +137,7 @@ def test_fallback_reads_the_branch_before_a_parameter_scale():
 )
 def test_fallback_claims_nothing_it_cannot_prove(toy):
     model = Chain(toy(), toy()).eval()
-    with pytest.raises(SppError, match="no residual blocks found in Chain; name them with --blocks"):
+    with pytest.raises(SppError, match=r"no residual (block found in Chain, though .* --blocks|addition in Chain)"):
         find_taps(model)
 
 
@@ -158,3 +165,98 @@ def test_fallback_finds_blocks_of_unknown_families():
     for tap in blocks(taps):
         torch.testing.assert_close(values[Site(tap.module, "input")] + values[tap.residual], values[tap.output])
 
+
+
+# ---- what the fallback understands beyond a plain x + f(x) ---------------------------------------------------------
+def _verified(model: nn.Module, x: torch.Tensor, allow: tuple[str, ...] = (), **kwargs) -> list[dict]:
+    rec = hooks.record(model, x, mode="eval", **kwargs)
+    assert all(r["check"] in ("verified", "-", *allow) for r in rec.rows), [(r["name"], r["check"], r["note"])
+                                                                             for r in rec.rows]
+    return rec.rows
+
+
+def test_post_norm_block_reads_the_stream_before_each_norm():
+    """LN(x + attn(x)), LN(x + mlp(x)): two taps; each stream is the sum before its norm (after it, avg_var would
+    be ~1 whatever the block does); the second shortcut is the first norm's output."""
+    torch.manual_seed(0)
+    model = Chain(PostNormToy(), PostNormToy()).eval()
+    taps = find_taps(model)
+    block = taps[1:3]
+    assert [t.output for t in block] == [Site("blocks.0.norm1", "input"), Site("blocks.0.norm2", "input")]
+    assert block[1].shortcut == Site("blocks.0.norm1") and all("post-norm" in t.stream for t in block)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)) * 3
+    rows = _verified(model, x)
+    with torch.no_grad():
+        first = x + model.blocks[0].attn(x)
+    assert math.isclose(rows[1]["avg_var"], direct_stats(first, 2)[1], rel_tol=1e-5)
+    assert rows[1]["stream"] == block[0].stream
+
+
+def test_addition_into_a_second_argument():
+    """cls = block(x, cls): the shortcut is the block's second argument, read as such."""
+    torch.manual_seed(0)
+    model = TwoStreams().eval()
+    taps = find_taps(model)
+    assert [t.shortcut for t in taps[1:]] == [Site("blocks.0", "input", 1), Site("blocks.1", "input", 1)]
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    rows = _verified(model, x, allow=("unchecked",))  # the branch (a mean, no module's output) is output - shortcut
+    values = capture_sites(model, {Site("blocks.1", "input", 1), Site("blocks.1")}, x)
+    assert math.isclose(rows[2]["avg_var"], direct_stats(values[Site("blocks.1")], 2)[1], rel_tol=1e-5)
+
+
+def test_a_scale_module_on_the_shortcut_is_transparent():
+    """res_scale(x) + ls(mixer(x)): the branch is mixer's output (before ls), the shortcut res_scale's output."""
+    torch.manual_seed(0)
+    model = Chain(ResScaleToy(), ResScaleToy()).eval()
+    taps = find_taps(model)
+    assert taps[1].residual == Site("blocks.0.mixer") and taps[1].shortcut == Site("blocks.0.res_scale")
+    _verified(model, image(size=8, chans=4))
+
+
+def test_a_transposed_branch_is_read_before_its_scale_on_its_own_axis():
+    """x + ls * linear_tokens(x^T)^T: read at linear_tokens (before ls), whose output is (B, C, N): its channels
+    are on axis 1 there, not on the last axis a Linear's type would suggest (those are tokens)."""
+    torch.manual_seed(0)
+    model = Chain(TokenMixToy(), TokenMixToy(), stem=nn.Linear(4, 4)).eval()
+    taps = find_taps(model)
+    assert taps[1].residual == Site("blocks.0.linear_tokens") and taps[1].residual_transforms == (("transpose",
+                                                                                                    (1, 2)),)
+    x = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1))
+    rows = _verified(model, x)
+    with torch.no_grad():
+        stem = model.stem(x)
+        branch = model.blocks[0].linear_tokens(stem.transpose(1, 2))  # (B, C, N)
+    assert math.isclose(rows[1]["res_avg_var"], direct_stats(branch, 1)[1], rel_tol=1e-5)
+
+
+def test_reshapes_with_sizes_from_the_shape_are_transparent():
+    """y = x.reshape(b, h*w, c); y + mlp(norm(y)); y.view(b, h, w, c): the sizes come from x.shape, and the view
+    after the addition keeps the element order (the identity is checked through it). The first block's output
+    (B, H, W, C) is taken by no layer as it is (the next block reshapes it first), so its channel axis is unproven
+    and the tap is refused, saying how to name it; with --channel-dim every tap is verified."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(ReshapeToy(), ReshapeToy()), nn.LayerNorm(4)).eval()
+    taps = find_taps(model)
+    assert len(taps) == 3 and taps[1].residual == Site("1.0.mlp")
+    x = torch.randn(2, 3, 3, 4, generator=torch.Generator().manual_seed(1))
+    rows = hooks.record(model, x, mode="eval").rows
+    assert rows[1]["check"] == "refused" and "--channel-dim '1.0=AXIS'" in rows[1]["note"]
+    assert math.isnan(rows[1]["avg_var"]) and rows[2]["check"] == "verified"
+    named = _verified(model, x, channel_dim=["1.0=-1"])
+    assert [r["axis"] for r in named] == [3, 3, 3]
+
+
+def test_nested_additions_get_their_own_taps_in_forward_order():
+    torch.manual_seed(0)
+    model = Chain(NestedToy(), NestedToy()).eval()
+    taps = find_taps(model)
+    assert [t.name for t in taps[1:]] == ["blocks.0.token_mixer", "blocks.0", "blocks.1.token_mixer", "blocks.1"]
+    assert "nested in blocks.0" in taps[1].note and taps[1].stage == taps[2].stage == 1
+    _verified(model, image(size=8, chans=4))
+
+
+def test_a_head_after_the_last_addition_is_not_the_stream():
+    """y = x + f(x); return head(pool(y)): no site holds y, so the block is not read as its logits."""
+    model = Chain(HeadAfterAddToy()).eval()
+    with pytest.raises(SppError, match="no residual block found"):
+        find_taps(model)

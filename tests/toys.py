@@ -163,3 +163,124 @@ class Chain(nn.Module):
 
     def forward(self, x):
         return self.blocks(self.stem(x))
+
+
+class PostNormToy(nn.Module):
+    """A post-norm block a user might write: LN(x + attn(x)) then LN(x + mlp(x)), on tokens (B, N, C)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.attn = nn.Linear(c, c)
+        self.norm1 = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.norm2 = nn.LayerNorm(c)
+
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class SecondArgumentToy(nn.Module):
+    """Class attention (CaiT's pattern): reads both arguments, adds into the second one."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.attn = nn.Linear(c, c)
+
+    def forward(self, x, x_cls):
+        u = torch.cat([self.norm(x_cls), x], dim=1)
+        return x_cls + self.attn(u).mean(1, keepdim=True)
+
+
+class TwoStreams(nn.Module):
+    """Feeds a token stream and a class token through SecondArgumentToy blocks."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Linear(c, c)
+        self.blocks = nn.ModuleList([SecondArgumentToy(c), SecondArgumentToy(c)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        cls = x[:, :1] * 2.0
+        for block in self.blocks:
+            cls = block(x, cls)
+        return cls
+
+
+class ResScaleToy(nn.Module):
+    """MetaFormer's res_scale: a Scale module on the shortcut; the branch is read at mixer, before ls."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.mixer = nn.Conv2d(c, c, 3, padding=1)
+        self.res_scale = Scale(c, 0.7)
+        self.ls = Scale(c, 0.3)
+
+    def forward(self, x):
+        return self.res_scale(x) + self.ls(self.mixer(x))
+
+
+class Scale(nn.Module):
+    """x * a per-channel parameter (NCHW)."""
+
+    def __init__(self, c: int, value: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((c, 1, 1), value) + torch.linspace(0, 0.1, c).view(c, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class TokenMixToy(nn.Module):
+    """ResMLP's token mixing: x + ls * linear_tokens(x^T)^T, the scale applied after the transpose."""
+
+    def __init__(self, n: int = 6, c: int = 4) -> None:
+        super().__init__()
+        self.linear_tokens = nn.Linear(n, n)
+        self.ls = nn.Parameter(torch.linspace(0.2, 1.0, c))
+
+    def forward(self, x):
+        return x + self.ls * self.linear_tokens(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ReshapeToy(nn.Module):
+    """Swin V2 CR's pattern: the block reshapes with sizes read off x.shape around its addition."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        y = x.reshape(b, h * w, c)
+        y = y + self.mlp(self.norm(y))
+        return y.view(b, h, w, c)
+
+
+class NestedToy(nn.Module):
+    """FastViT's pattern: the token mixer adds its own residual inside a block that adds one more."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.token_mixer = PreActToy(c)
+        self.mlp = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = self.token_mixer(x)
+        return x + self.mlp(x)
+
+
+class HeadAfterAddToy(nn.Module):
+    """HRNet's pattern at the top of a model: the last addition is followed by a classifier head."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.branch = nn.Conv2d(c, c, 3, padding=1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        y = x + self.branch(x)
+        return self.head(y.mean((2, 3)))

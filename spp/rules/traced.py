@@ -51,7 +51,10 @@ _DROP = re.compile(r"^(Dropout\d?d?|AlphaDropout|DropPath|DropBlock\d?d?|Stochas
 _SCALE = re.compile(r"^(LayerScale\d?d?|Scale)$")
 _BRANCH_NAME = re.compile(r"drop|(^|\.)ls\d*$|layer_?scale|gamma")
 _SHORTCUT_NAME = re.compile(r"downsample|shortcut|skip|proj|identity|res")
-_NORM_CLASS = re.compile(r"Norm")  # LayerNorm, RMSNorm, BatchNorm2d, GroupNorm, timm's LayerNorm2d, HF's *RMSNorm
+_REORDER_FREE = {"reshape", "view", "flatten", "contiguous", "squeeze", "unsqueeze"}  # element order kept
+_NORM_CLASS = re.compile(r"Norm")  # LayerNorm, RMSNorm, BatchNorm2d, GroupNorm, timm's LayerNorm2d, *RMSNorm
+_ELEMENTWISE_OPS = {"relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "leaky_relu", "elu",
+                    "mish", "dropout", "relu6", "hardtanh"}
 
 
 def _op_name(node: fx.Node) -> str:
@@ -238,11 +241,15 @@ class _Residuals:
         return None
 
     def post_norm_input(self, node: fx.Node) -> fx.Node | None:
-        """The addition a norm module normalises, when ``node`` is such a norm called once (a post-norm block)."""
+        """The addition a norm module normalises, when ``node`` is such a norm called once and the sum goes
+        nowhere else (a post-norm block: the norm's output is the stream; a pre-norm block's sum also feeds the
+        next addition)."""
         if node.op != "call_module" or not self.once(node) or not _NORM_CLASS.search(self.kind(node)):
             return None
         args = _data_args(node)
-        return args[0] if len(args) == 1 and _op_name(args[0]) in _ADD else None
+        if len(args) != 1 or _op_name(args[0]) not in _ADD or len(args[0].users) != 1:
+            return None
+        return args[0]
 
     def stream_note(self, add: fx.Node) -> str:
         """What a post-norm tap's stream holds: the norm's input, i.e. the sum before the norm."""
@@ -309,21 +316,31 @@ class _Residuals:
                 return Site(rel(self.name, str(user.target)), "input")
         return None
 
+    def elementwise(self, node: fx.Node) -> bool:
+        """An activation, dropout or identity: applied to the sum, it leaves a post-activation stream."""
+        if node.op == "call_module":
+            from spp.axes import PASS_THROUGH, layer_evidence
+
+            module = self.modules.get(str(node.target))
+            if module is None:
+                return False
+            if _single_op(module) in _ELEMENTWISE_OPS:  # an exported module that is one activation op
+                return True
+            return layer_evidence(module, "output") == PASS_THROUGH and "Pool" not in type(module).__name__
+        return _op_name(node) in _ELEMENTWISE_OPS
+
     def activation_after(self, after: list[fx.Node]) -> str:
         """"relu" when the only op after the last addition is a ReLU; "" when there is none; else its name (the
         residual identity cannot be checked through it)."""
-        if not after:
-            return ""
+        if not after or all(_op_name(n) in _REORDER_FREE for n in after):
+            return ""  # nothing, or reshapes that keep the element order: the identity checks as it is
         if len(after) == 1:
             node = after[0]
             module = self.modules.get(str(node.target)) if node.op == "call_module" else None
             if isinstance(module, nn.ReLU) or _op_name(node) in ("relu", "relu_"):
                 return "relu"
-            inner = getattr(module, "graph", None)  # an exported module that is one relu op
-            if isinstance(inner, fx.Graph):
-                ops = [_op_name(n) for n in inner.nodes if n.op == "call_function"]
-                if ops in (["relu"], ["relu_"]):
-                    return "relu"
+            if module is not None and _single_op(module) in ("relu", "relu_"):  # an exported relu module
+                return "relu"
         return " then ".join(self.kind(n) or _op_name(n) for n in reversed(after))
 
     def taps(self) -> list[Tap] | None:
@@ -344,8 +361,11 @@ class _Residuals:
         if after and self.post_norm_input(after[-1]) is node:
             after = []  # LN(x + f(x)) ends the block: the stream is read at the norm's input, before it
             last_output = self.site(node)
+        elif all(self.elementwise(n) or _op_name(n) in _SHAPE for n in after):
+            last_output = Site(self.name)  # the sum, after an activation (post-activation blocks) or a reshape
         else:
-            last_output = Site(self.name)
+            last_output = self.site(node)  # a head or another layer follows: only a site holding the sum will do
+            after = []
         post_activation = self.activation_after(after)
         found: list[dict[str, Any]] = []
         for i, step in enumerate(steps):
@@ -383,6 +403,9 @@ class _Residuals:
                 found.append(entry)
         if not found:
             return None
+        adds = sum(1 for n in self.nodes if _op_name(n) in _ADD and self.both_computed(n))
+        unread = adds - len(found)
+        note = f"{unread} more addition(s) in this block are not read (no site holds their sum)" if unread > 0 else ""
         single = len(found) == 1
         return [
             make_tap(
@@ -397,9 +420,15 @@ class _Residuals:
                 residual_transforms=f.get("residual_transforms", ()),
                 residual_scale=f.get("residual_scale", ""),
                 refusal=f.get("refusal", ""),
+                note=note,
             )
             for f in found
         ]
+
+    def both_computed(self, node: fx.Node) -> bool:
+        """An addition of two tensors computed from the block's arguments (not of a parameter or a constant)."""
+        ops = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        return len(ops) == 2 and all(self.depends(a) for a in ops)
 
     @staticmethod
     def describe(transforms: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
@@ -410,3 +439,22 @@ def traced_residual(name: str, module: nn.Module) -> list[Tap] | None:
     """Any module whose forward provably returns ``shortcut + branch`` (see the module docstring)."""
     graph = _graph_of(module)
     return _Residuals(name, module, graph).taps() if graph is not None else None
+
+
+def _single_op(module: nn.Module) -> str:
+    """The one op an exported / traced module's graph runs ("" when it runs more, or is not a graph module)."""
+    inner = getattr(module, "graph", None)
+    if not isinstance(inner, fx.Graph):
+        return ""
+    ops = [_op_name(n) for n in inner.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return ops[0] if len(ops) == 1 else ""
+
+
+def adds_in(module: nn.Module) -> int:
+    """How many additions of two input-dependent tensors ``module``'s own forward makes (0 when it cannot be
+    traced): what tells a model with no residual connection from one whose blocks no rule can read."""
+    graph = _graph_of(module)
+    if graph is None:
+        return 0
+    r = _Residuals("", module, graph)
+    return sum(1 for node in r.nodes if _op_name(node) in _ADD and r.both_computed(node))
