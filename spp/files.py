@@ -35,7 +35,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +80,49 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 def write_table(df: Any, path: str) -> None:
     """A DataFrame to CSV / Parquet / JSON (records orient) by suffix, atomically."""
+    with atomic_path(path) as tmp:
+        table_writer(df, path)(tmp)
+
+
+def table_writer(df: Any, path: str | os.PathLike) -> Callable[[str], None]:
+    """A function writing ``df`` to a given file in the format ``path``'s suffix names (CSV / Parquet / JSON)."""
     suffix = Path(path).suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise SppError(f"table {path!r}: unknown suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
-    with atomic_path(path) as tmp:
+        raise SppError(f"table {str(path)!r}: unknown suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
+
+    def write(tmp: str) -> None:
         if suffix == ".csv":
             df.to_csv(tmp, index=False)
         elif suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
             df.to_json(tmp, orient="records", indent=1, double_precision=15)
+
+    return write
+
+
+def commit_outputs(writers: Mapping[Any, Callable[[str], None]]) -> list[Path]:
+    """Write several outputs as a unit (a figure and its table): each writer fills a temporary file beside its
+    target, and only when all of them succeeded are the temporary files renamed over the targets. A writer that
+    fails leaves every target as it was and no temporary file behind. ``writers``: target path (str or PathLike)
+    -> a function that writes the file at the temporary path it is given."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write in writers.items():
+            target = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                       dir=target.parent if str(target.parent) else ".")
+            os.close(fd)
+            staged.append((tmp, target))
+            write(tmp)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    return [target for _, target in staged]
 
 RECORD_SUFFIXES = (".pt", ".json", ".parquet", ".csv")
 FORMAT_NAME = "spp-record"
@@ -497,6 +530,10 @@ def _from_plain_table(data: Any, name: str) -> Record:
         raise NotARecord(name, f"{kind} without the SPP columns ({', '.join(missing)} missing; "
                                f"it has {cols or 'no columns'})")
     fallback = {"float": math.nan, "int": 0, "str": ""}
+    label = Path(name).stem
+    if "model" in df.columns and "model" not in NAMES and len(df):  # `spp plot --table`: the model, then references
+        label = str(df["model"].iloc[0])
+        df = df[df["model"] == df["model"].iloc[0]]
     rows = []
     for raw in df.to_dict("records"):
         row: dict[str, Any] = {}
@@ -515,5 +552,5 @@ def _from_plain_table(data: Any, name: str) -> Record:
                 row[c.name] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
         rows.append(row)
     ends = [i for i in range(1, len(rows)) if i + 1 == len(rows) or rows[i + 1]["stage"] != rows[i]["stage"]]
-    settings = {"label": Path(name).stem, "loaded_from": "plain table"}
+    settings = {"label": label, "loaded_from": "plain table"}
     return Record(rows=rows, stage_ends=ends, settings=settings)
