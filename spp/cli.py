@@ -135,12 +135,13 @@ def _shared(*templates: Callable):
         own = [p for p in _parameters(fn) if p.name != "cfg"]
         extra = [p for t in templates for p in _parameters(t)]
         names = [p.name for p in extra]
+        single_label = any(p.name == "label" and p.annotation == LabelOpt for p in own)
 
         @functools.wraps(fn)
         def command(**kwargs):
             with _session():
                 options = {n: kwargs.pop(n) for n in names}
-                if "label" in kwargs and not isinstance(kwargs["label"], list):
+                if single_label:  # the model's own name; compare's --label names several curves instead
                     options["label"] = kwargs.pop("label")
                 cfg = _config(kwargs.get("model", ""), options)
                 return fn(cfg=cfg, **kwargs)
@@ -414,7 +415,7 @@ def bn(
     sync_bn: Annotated[bool, typer.Option(
         "--sync-bn", help="Under torchrun: BatchNorm becomes SyncBatchNorm for the run, so the normalisation batch "
                           "spans the ranks (restored after).")] = False,
-    label: LabelOpt = None,
+    label: LabelOpt = None,  # _shared puts it into cfg
 ) -> None:
     """PreciseBN on real data: each BatchNorm's EMA buffers against the exact population statistics, and the SPP
     with mini-batch, population and EMA statistics (train/test inconsistency), per normalisation batch size."""
@@ -424,7 +425,7 @@ def bn(
 
     sizes = commands.parse_batch_sizes(batch_size)
     cfg = replace(cfg, input=input, batch_size=sizes[0], num_samples=num_samples, resolution=resolution,
-                  input_std=input_std, seed=seed, device=device, label=label)
+                  input_std=input_std, seed=seed, device=device)
     with _progress() as progress:
         result = commands.bn_report(cfg, batch_sizes=sizes, table=table, precise_out=precise_out, plot=plot,
                                     sync_bn=sync_bn, progress=progress)

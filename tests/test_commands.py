@@ -58,11 +58,12 @@ def test_bn_command_end_to_end(tmp_path, trained):
     ckpt, data_path, data, digest = trained
     table, precise, figure = tmp_path / "bn.csv", tmp_path / "precise.pt", tmp_path / "bn.png"
     result = run("bn", *MODEL, "--checkpoint", str(ckpt), "--input", str(data_path), "--batch-size", "4",
-                 "--table", str(table), "--precise-out", str(precise), "--plot", str(figure))
+                 "--table", str(table), "--precise-out", str(precise), "--plot", str(figure), "--label", "ft")
     assert result.exit_code == 0, result.output
+    assert result.output.startswith("ft: 49 BatchNorm layers")
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     assert "normalisation batch: 4 samples per micro-batch (one process)" in result.output
-    assert "49 BatchNorm layers" in result.output and "8 samples in 2 micro-batches of 4" in result.output
+    assert "8 samples in 2 micro-batches of 4" in result.output
 
     model = build()
     state = torch.load(ckpt, weights_only=True)
