@@ -63,6 +63,14 @@ def check_output(path: str, suffixes: Sequence[str], what: str) -> Path:
     return p
 
 
+def _usual_mode(tmp: str) -> None:
+    """Give a temporary file the mode a plain ``open(path, "w")`` would (0666 less the umask): ``mkstemp`` makes
+    it 0600, and a figure or table nobody else can read is not what the user asked for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -71,6 +79,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        _usual_mode(tmp)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -115,6 +124,7 @@ def commit_outputs(writers: Mapping[Any, Callable[[str], None]]) -> list[Path]:
             os.close(fd)
             staged.append((tmp, target))
             write(tmp)
+            _usual_mode(tmp)
         for tmp, target in staged:
             os.replace(tmp, target)
     except BaseException:

@@ -259,9 +259,10 @@ def draw(
         ax.set_xlabel(_xlabel(series, x))
         ax.grid(alpha=0.25)
         if panel_notes:
-            ax.text(0.01, 0.99, "\n".join(panel_notes), transform=ax.transAxes, va="top", ha="left", fontsize=7.5,
-                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7", "boxstyle": "round,pad=0.3"},
-                    zorder=10)
+            text = "\n".join(_wrap(n) for n in panel_notes)
+            (x0, y0), align = _quiet_corner(ax, text.count("\n") + 1)
+            ax.text(x0, y0, text, transform=ax.transAxes, fontsize=7.5, zorder=10, multialignment="left", **align,
+                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7", "boxstyle": "round,pad=0.3"})
             said += [f"{heading}: {n}" for n in panel_notes]
     users = [k for k in handles if any(one.user and one.label == k for one in series)]
     entries = [(k, handles[k]) for k in users] + [(k, h) for k, h in handles.items() if k not in users]
@@ -320,6 +321,46 @@ def _plot(ax, s: Series, key: str, floor: float | None, panel_notes: list[str], 
         panel_notes.append(f"{s.label}: {bad} NaN/Inf point(s) left out")
     (line,) = ax.plot(xs, drawn, label=f"_theory {s.label}" if theory else s.label, **style)
     return line
+
+
+def _quiet_corner(ax, lines: int) -> tuple[tuple[float, float], dict[str, str]]:
+    """Where in ``ax`` a note box (half the width, ``lines`` lines high) covers the least of the drawn curves:
+    a note must not hide the curve it talks about. Six places are tried (upper, middle, lower; left, right),
+    each curve sampled densely along its segments."""
+    import numpy as np
+
+    to_axes = ax.transData + ax.transAxes.inverted()
+    parts = []
+    for line in ax.lines:
+        xy = np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float)
+        if line.get_label().startswith("_stage end"):
+            continue  # drawn in axes coordinates vertically; a thin dotted line may pass under a note
+        xy = to_axes.transform(xy)
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if len(xy) > 1:  # ten points per segment: a steep segment through a box counts, not only its ends
+            t = np.linspace(0.0, 1.0, 10, endpoint=False)[:, None, None]
+            xy = (xy[:-1][None] * (1 - t) + xy[1:][None] * t).reshape(-1, 2)
+        parts.append(xy)
+    xy = np.concatenate(parts) if parts else np.empty((0, 2))
+    h = min(0.9, 0.07 * lines + 0.04)
+    places = []
+    for y_anchor, va, (ya, yb) in ((0.99, "top", (1 - h, 1.0)), (0.5 + h / 2, "top", (0.5 - h / 2, 0.5 + h / 2)),
+                                   (0.05, "bottom", (0.0, h + 0.04))):
+        places.append(((0.01, y_anchor), {"ha": "left", "va": va}, (0.0, 0.5), (ya, yb)))
+        places.append(((0.99, y_anchor), {"ha": "right", "va": va}, (0.5, 1.0), (ya, yb)))
+
+    def covered(place) -> int:
+        _, _, (xa, xb), (ya, yb) = place
+        return int(((xy[:, 0] >= xa) & (xy[:, 0] <= xb) & (xy[:, 1] >= ya) & (xy[:, 1] <= yb)).sum())
+
+    anchor, align, _, _ = min(places, key=covered)
+    return anchor, align
+
+
+def _wrap(note: str, width: int = 70) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(note, width, subsequent_indent="   "))
 
 
 def _stage_lines(ax, s: Series) -> bool:

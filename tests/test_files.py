@@ -274,3 +274,25 @@ def test_cli_record_rejects_bad_suffix_before_recording(tmp_path):
     assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
         f"error: --out '{tmp_path / 'r.txt'}': unknown suffix '.txt'; use one of .pt, .json, .parquet, .csv"]
     assert not list(tmp_path.iterdir())
+
+
+# ---- outputs written as a unit ------------------------------------------------------------------------------------
+def test_commit_outputs_writes_all_or_nothing_with_the_usual_mode(tmp_path):
+    """Two outputs written together: both appear, readable as a plain open() would make them (0666 less the
+    umask, not mkstemp's 0600); when the second writer fails, neither target changes and no temporary is left."""
+    from spp.files import commit_outputs
+
+    a, b = tmp_path / "fig.png", tmp_path / "table.csv"
+    commit_outputs({a: lambda t: pathlib.Path(t).write_text("A"), b: lambda t: pathlib.Path(t).write_text("B")})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert a.read_text() == "A" and b.read_text() == "B"
+    assert (a.stat().st_mode & 0o777) == (b.stat().st_mode & 0o777) == 0o666 & ~umask
+
+    def fail(tmp: str) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        commit_outputs({a: lambda t: pathlib.Path(t).write_text("new"), b: fail})
+    assert a.read_text() == "A" and b.read_text() == "B"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]
