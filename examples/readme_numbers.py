@@ -1,6 +1,6 @@
 """Every measured number in the README, from the code paths of the commands that the README shows.
 
-    python examples/readme_numbers.py                   # the README's settings: about 3 minutes on 2 CPU cores
+    python examples/readme_numbers.py                   # the README's settings: ~10 minutes on 2 CPU cores
     python examples/readme_numbers.py --write-readme    # ... and put the sections into README.md
     python examples/readme_numbers.py --depth 50 --width 0.0625 --resolution 32 --batch-size 2 \
         --bn-width 0.0625 --bn-resolution 32 --bn-samples 16 --bn-batch-sizes 8,2,4,16 --ema-updates 3   # tiny
