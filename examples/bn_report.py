@@ -112,30 +112,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def _plot(tt: sppbn.TrainTestSpp, sweep: list[sppbn.BatchSizeResult], path: Path) -> None:
-    import matplotlib
+    """The figure of `spp bn --plot` (spp.render.draw_bn): the three SPPs, their divergence, the sweep."""
+    from spp import render
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for rec, label, style in ((tt.minibatch, "mini-batch statistics (train)", "-o"),
-                              (tt.precise, "population statistics (precise, eval)", "-s"),
-                              (tt.ema, "EMA buffers (eval)", "--^")):
-        ax1.plot(rec.column("block"), rec.column("avg_var"), style, ms=3, label=label)
-    ax1.set(xlabel="block", ylabel="average channel variance", title="Train / test SPP")
-    for res in sweep:
-        ax2.plot(res.record.column("block"), res.record.column("avg_var"), "-o", ms=3, label=f"batch {res.batch_size}")
-    if sweep and sweep[-1].population is not None:
-        pop = sweep[-1].population
-        ax2.plot(pop.column("block"), pop.column("avg_var"), "k--", label="population statistics (eval)")
-    ax2.set(xlabel="block", ylabel="average channel variance", title="Mini-batch SPP by normalisation batch size")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    render.save_figure(render.draw_bn(tt, sweep, title="BatchNorm: train / precise / EMA"), str(path))
 
 
 if __name__ == "__main__":

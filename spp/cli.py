@@ -61,13 +61,41 @@ console = Console(stderr=True)
 out_console = Console()
 error_console = Console(stderr=True)  # never quieted: under torchrun every rank says why it failed
 
+
+def _no_type_hint_on_flags() -> None:
+    """typer shows a ``<bool>`` type beside on/off flags (``--no-ws <bool>``, ``--help <bool>``), which reads as if
+    the flag took a value: show no type for flags. Options that take a value keep theirs."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # another typer: its own help, whatever it shows
+        return
+    original = TyperOption.display_type_rich
+    if getattr(original, "_spp", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._spp = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_type_hint_on_flags()
+
 MODEL, BLOCKS, INPUT, COMPUTE = "Model", "Blocks", "Input", "Compute"
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", show_default=False, rich_help_panel=MODEL,
-    help="A built-in name (`spp models`), timm:NAME (or a bare timm name), torchvision:NAME, path/to/file.py:factory, "
-         "a TorchScript / torch.export file, or a pickled module (with --trust-pickle). Built-in options can follow "
-         "a '?': 'nf_resnet600?ws=false,alpha=0.3'.")]
+    help="A built-in name (spp models), timm:NAME (or a bare timm name), torchvision:NAME, FILE.py:FACTORY, "
+         "a TorchScript or torch.export file, or a pickled module (with --trust-pickle). Options of a built-in "
+         "can follow a '?', as in 'nf_resnet50?ws=false'.")]
+LabelOpt = Annotated[str | None, typer.Option(
+    "--label", "-l", show_default=False,
+    help="The model's name in the legend, title, summary and table (default: the spec and its options, e.g. "
+         "'nf_resnet600 (ws=False)').")]
+XOpt = Annotated[str | None, typer.Option(
+    "--x", show_default=False, help="x axis: block (block or layer index) or relative (block / last block); "
+                                    "default: relative when the curves' depths differ, else block.")]
 
 
 def _model_options(
@@ -81,6 +109,11 @@ def _model_options(
     ws: Annotated[bool | None, typer.Option(
         "--ws/--no-ws", show_default=False, rich_help_panel=MODEL,
         help="Scaled WS in nf_resnet models (--no-ws: plain He-init convs, the paper's mean-shift ablation).")] = None,
+    norm: Annotated[str | None, typer.Option(
+        help="Normalisation of bn_relu_resnet / relu_bn_resnet models: bn, gn, ln, in or none (default bn).",
+        show_default=False, rich_help_panel=MODEL)] = None,
+    groups: Annotated[int | None, typer.Option(
+        help="GroupNorm groups with --norm gn (default 32).", show_default=False, rich_help_panel=MODEL)] = None,
     model_kwargs: Annotated[str | None, typer.Option(help="More model keyword arguments, as a JSON object.",
                                                      rich_help_panel=MODEL)] = None,
     pretrained: Annotated[bool, typer.Option(help="Load pretrained weights (timm / torchvision).",
@@ -141,7 +174,8 @@ def _shared(*templates: Callable, passed: Sequence[Callable] = ()):
     """Add the templates' options to a command; it receives them as one RunConfig, ``cfg``. The options of the
     ``passed`` templates are added too and reach the command as keyword arguments (its ``**kwargs``).
 
-    Also turns every SppError into one line and an exit code, so no command prints a traceback.
+    A command's own ``--label`` (a single one: ``plot``, ``record``, ``bn``) goes into the RunConfig too. Runs the
+    command in a ``_session``: one reporter for its warnings and progress, every SppError as one line.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -149,11 +183,14 @@ def _shared(*templates: Callable, passed: Sequence[Callable] = ()):
         own += [p for t in passed for p in _parameters(t)]
         extra = [p for t in templates for p in _parameters(t)]
         names = [p.name for p in extra]
+        single_label = any(p.name == "label" and p.annotation == LabelOpt for p in own)
 
         @functools.wraps(fn)
         def command(**kwargs):
-            with _user_errors():
+            with _session():
                 options = {n: kwargs.pop(n) for n in names}
+                if single_label:  # the model's own name; compare's --label names several curves instead
+                    options["label"] = kwargs.pop("label")
                 cfg = _config(kwargs.get("model") or "", options)
                 return fn(cfg=cfg, **kwargs)
 
@@ -162,6 +199,9 @@ def _shared(*templates: Callable, passed: Sequence[Callable] = ()):
         return command
 
     return decorate
+
+
+MODEL_FLAGS = ("width", "in_chans", "activation", "alpha", "ws", "norm", "groups")  # they become model_kwargs
 
 
 def _config(model: str, options: dict):
@@ -173,7 +213,7 @@ def _config(model: str, options: dict):
     from spp.validate import finite_number, whole_number
 
     kwargs = parse_kwargs(options.pop("model_kwargs", None))
-    for key in ("width", "in_chans", "activation", "alpha", "ws"):
+    for key in MODEL_FLAGS:
         value = options.pop(key, None)
         if value is not None:
             if key in kwargs:
@@ -232,35 +272,58 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+_REPORTER: list = []  # the reporter of the command running now (one per command; a list to stay a constant)
+
+
 @contextlib.contextmanager
-def _progress() -> Iterator[Callable]:
-    """A rich progress bar shared by every recording of a command (one task per model)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _session() -> Iterator:
+    """One command's reporter (``spp.report``: warnings one line each, deduplicated; progress) around the
+    one-line error handling. Python warnings raised by the command go to the reporter."""
+    from spp.report import Reporter
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=False, disable=not console.is_terminal)
+    reporter = Reporter(console)
+    _REPORTER.append(reporter)
+    try:
+        with _user_errors(), reporter.capture_warnings():
+            yield reporter
+    finally:
+        _REPORTER.remove(reporter)
 
-    @contextlib.contextmanager
-    def task(label: str, total: int):
-        tid = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(tid, 1)
-        bar.update(tid, completed=total)
 
-    with bar:
-        yield task
+def _reporter():
+    from spp.report import Reporter
+
+    return _REPORTER[-1] if _REPORTER else Reporter(console)
+
+
+def _progress():
+    """The progress of every recording of the command (``spp.run.Progress``)."""
+    return _reporter().progress()
 
 
 def _warn(messages) -> None:
     for w in messages:
-        console.print(f"[yellow]warning:[/] {_escape(w)}", highlight=False, soft_wrap=True)
+        _reporter().warn(w)
+
+
+def _note(messages) -> None:
+    for n in messages:
+        _reporter().note(n)
+
+
+def _table(title: str, columns: list[str], *, left: tuple[str, ...] = ()):
+    """A rich table whose cells fold (wrap inside the cell) instead of being cut with '…' on a narrow terminal."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", pad_edge=False, collapse_padding=True)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right", overflow="fold")
+    return table
 
 
 def _print_summary(rec, title: str | None = None) -> None:
-    from rich.table import Table
-
-    table = Table(title=title or f"{rec.label}: {rec.num_blocks} blocks", title_justify="left")
-    for col in ("stage", "blocks", "first var", "last var", "max sq mean", "mean res var", "NaN/Inf ch."):
-        table.add_column(col, justify="right")
+    table = _table(title or f"{rec.label}: {rec.num_blocks} tap points",
+                   ["stage", "blocks", "first var", "last var", "max sq mean", "mean res var", "NaN/Inf ch."])
     stem = rec.rows[0]
     table.add_row("stem", "0", f"{stem['avg_var']:.4g}", f"{stem['avg_var']:.4g}", f"{stem['avg_sq_mean']:.4g}", "-",
                   str(stem["nonfinite"]))
@@ -291,26 +354,34 @@ def plot(
     cfg,
     model: ModelOpt,
     out: Annotated[str, typer.Option("--out", "-o", help="Figure file: .png, .svg or .pdf.")] = "spp.png",
-    table: Annotated[str | None, typer.Option(help="Statistics table: .csv, .parquet or .json (default: next to the "
-                                              "figure, .csv).", show_default=False)] = None,
+    table: Annotated[str | None, typer.Option(
+        help="Every curve's statistics, a 'model' column naming the curve: .csv, .parquet or .json (default: next "
+             "to the figure, .csv).", show_default=False)] = None,
     reference: Annotated[str | None, typer.Option(
-        help="Comma-separated references (bn_relu_resnet, relu_bn_resnet, nf_resnet, or names like nf_resnet50), "
-             "or 'none' (default: the three families at the depth closest to the model's).", show_default=False)
-    ] = None,
+        help="Comma-separated references (families bn_relu_resnet, relu_bn_resnet, nf_resnet, preln_transformer, "
+             "postln_transformer, nf_transformer, or names like nf_resnet50), or none (default: the three "
+             "families of the model's kind at the closest depth).", show_default=False)] = None,
+    x: XOpt = None,
+    label: LabelOpt = None,
     no_cache: NoCacheOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Record a model's SPP and draw it beside the reference ResNets."""
+    """Record a model's SPP and draw it beside the reference models, recorded on the same inputs."""
     from spp import commands
 
     with _progress() as progress:
-        result = commands.plot_model(cfg, out=out, table=table, reference=reference, progress=progress,
-                               use_cache=not no_cache, force=force)
+        result = commands.plot_model(cfg, out=out, table=table, reference=reference, x=x, progress=progress,
+                                     use_cache=not no_cache, force=force)
+    _warn(result.notes)
     _print_summary(result.record)
     for ref in result.references:
-        _print_summary(ref, title=f"reference {ref.label}")
-    console.print(f"wrote {result.figure} and {result.table}", highlight=False)
-    _finish(result.notes, result.nonfinite)
+        from spp.render import reference_label
+
+        _print_summary(ref, title=f"reference {reference_label(ref, result.record.settings.get('mode'))}")
+    _note(result.figure_notes)
+    console.print(f"x axis: {'relative depth' if result.x == 'relative' else 'block index'}; wrote {result.figure} "
+                  f"and {result.table}", highlight=False, soft_wrap=True)
+    _finish([], result.nonfinite)
 
 
 @app.command()
@@ -320,6 +391,7 @@ def record(
     model: ModelOpt,
     out: Annotated[str, typer.Option("--out", "-o", help="Record file: .pt, .json, .parquet or .csv.",
                                      show_default=False)],
+    label: LabelOpt = None,
 ) -> None:
     """Record a model's SPP to a file, for `spp compare` or a notebook (spp.load_record)."""
     from spp import commands
@@ -339,10 +411,10 @@ def compare(
         help="Two or more record files (.pt, .json, .parquet, .csv) or model specs (anything --model takes, "
              "recorded now with the options below); the first is the baseline.", show_default=False)],
     label: Annotated[list[str] | None, typer.Option(
-        "--label", "-l", help="Curve name, repeatable, in argument order (default: file stem or model "
-                              "name).", show_default=False)] = None,
-    out: Annotated[str | None, typer.Option(
-        "--out", "-o", help="Figure: .png, .svg or .pdf (three panels, curves overlaid).")] = None,
+        "--label", "-l", help="Curve name, repeatable, in argument order (default: file stem, or the model spec "
+                              "and its options).", show_default=False)] = None,
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="Figure: .png, .svg or .pdf (three panels, curves overlaid).")] = "compare.png",
     table: Annotated[str | None, typer.Option(
         help="Aligned comparison table: .csv, .parquet or .json.")] = None,
     x: Annotated[str | None, typer.Option(
@@ -361,35 +433,135 @@ def compare(
                                   progress=progress, use_cache=not no_cache, force=force)
     _warn(result.warnings)
     _print_comparison(result)
-    if result.figure is not None:
-        console.print(f"{result.x_note}; wrote {result.figure}", highlight=False, soft_wrap=True)
-    if result.table is not None:
-        console.print(f"wrote {result.table}", highlight=False)
+    _note(result.figure_notes)
+    written = " and ".join(str(p) for p in (result.figure, result.table) if p is not None)
+    console.print(f"{result.x_note}; wrote {written}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 @_shared(_model_options)
 def blocks(cfg, model: ModelOpt) -> None:
     """Show the blocks spp finds, their stage, where the residual branch is read, and the rule that found them."""
-    from rich.table import Table
-
     from spp import commands
 
     taps = commands.list_blocks(cfg)
-    table = Table(title=f"{model}: {len(taps) - 1} tap points after the stem", title_justify="left")
-    for col in ("#", "stage", "name", "output", "residual branch", "rule"):
-        table.add_column(col, overflow="fold")
+    notes: list[str] = []
+    table = _table(f"{model}: {len(taps) - 1} tap points after the stem",
+                   ["#", "stage", "name", "output", "residual branch", "rule"],
+                   left=("name", "output", "residual branch", "rule"))
     for i, t in enumerate(taps):
-        table.add_row(str(i), str(t.stage), t.name, _relative(str(t.output), t.module),
-                      _relative(str(t.residual or "-"), t.module),
-                      _escape(t.rule) + (f" [yellow]({_escape(t.note)})[/]" if t.note else ""))
+        mark = ""
+        if t.note:
+            if t.note not in notes:
+                notes.append(t.note)
+            mark = f" [yellow]\\[note {notes.index(t.note) + 1}][/]"
+        table.add_row(str(i), str(t.stage), _escape(t.name), _escape(_relative(str(t.output), t.module)),
+                      _escape(_relative(str(t.residual or "-"), t.module)), _escape(t.rule) + mark)
     out_console.print(table)
+    for n, note in enumerate(notes, start=1):
+        out_console.print(f"[yellow]note {n}:[/] {_escape(note)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_shared(_model_options)
+def bn(
+    cfg,
+    model: ModelOpt,
+    input: Annotated[str | None, typer.Option(
+        "--input", "-i", help="The data: images (folder, glob or file) or a .pt / .npy tensor (N, C, H, W); default "
+        "Gaussian N(0, 1).", show_default=False, rich_help_panel=INPUT)] = None,
+    batch_size: Annotated[str, typer.Option(
+        help="Normalisation batch size: one (32), or several (32,2,4,8): the first is PreciseBN's micro-batch and "
+             "the train/test SPPs'; several are swept over the same samples.", rich_help_panel=INPUT)] = "32",
+    num_samples: Annotated[int | None, typer.Option(
+        help="Samples (default: every sample of a file, images up to 256; Gaussian: 4 micro-batches of the largest "
+             "batch size).", show_default=False, rich_help_panel=INPUT)] = None,
+    resolution: Annotated[int | None, typer.Option(
+        help="Image height and width (default: 128, or a timm model's own).", show_default=False,
+        rich_help_panel=INPUT)] = None,
+    input_std: Annotated[float, typer.Option(help="Std of the Gaussian input.", rich_help_panel=INPUT)] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the model's init and of Gaussian inputs.",
+                                      rich_help_panel=INPUT)] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.", rich_help_panel=COMPUTE)] = "cpu",
+    table: Annotated[str | None, typer.Option(
+        help="Per BatchNorm layer, EMA buffers vs precise statistics: .csv, .parquet or .json.",
+        show_default=False)] = None,
+    precise_out: Annotated[str | None, typer.Option(
+        help="Write the state_dict with precise running statistics here (.pt; torch.load(weights_only=True) reads "
+             "it). The model and its checkpoint are never changed.", show_default=False)] = None,
+    plot: Annotated[str | None, typer.Option(
+        help="Figure: the train / precise / EMA SPPs and their divergence per block (and the batch-size sweep): "
+             ".png, .svg or .pdf.", show_default=False)] = None,
+    sync_bn: Annotated[bool, typer.Option(
+        "--sync-bn", help="Under torchrun: BatchNorm becomes SyncBatchNorm for the run, so the normalisation batch "
+                          "spans the ranks (restored after).")] = False,
+    label: LabelOpt = None,  # _shared puts it into cfg
+) -> None:
+    """PreciseBN on real data: each BatchNorm's EMA buffers against the exact population statistics, and the SPP
+    with mini-batch, population and EMA statistics (train/test inconsistency), per normalisation batch size."""
+    from dataclasses import replace
+
+    from spp import commands
+
+    sizes = commands.parse_batch_sizes(batch_size)
+    cfg = replace(cfg, input=input, batch_size=sizes[0], num_samples=num_samples, resolution=resolution,
+                  input_std=input_std, seed=seed, device=device)
+    with _progress() as progress:
+        result = commands.bn_report(cfg, batch_sizes=sizes, table=table, precise_out=precise_out, plot=plot,
+                                    sync_bn=sync_bn, progress=progress)
+    _warn(result.notes)
+    _print_bn(result)
+
+
+def _print_bn(result) -> None:
+    stats = result.stats
+    out_console.print(f"{result.label}: {len(stats.layers)} BatchNorm layers; {result.inputs}", highlight=False,
+                      soft_wrap=True)
+    out_console.print(result.normalisation, highlight=False, soft_wrap=True)
+    rows = result.discrepancy
+    if rows:
+        table = _table(f"EMA buffers vs PreciseBN (population statistics of {stats.samples} samples), worst first; "
+                       "mean error in units of the channel's std, variance error relative",
+                       ["layer", "channels", "mean err median", "mean err max", "var err median", "var err max",
+                        "EMA updates"], left=("layer",))
+        for r in rows[: commands_top()]:
+            table.add_row(_escape(r.layer), str(r.channels), f"{r.mean_err_median:.3g}", f"{r.mean_err_max:.3g}",
+                          f"{r.var_err_median:.3g}", f"{r.var_err_max:.3g}",
+                          str(r.num_batches_tracked) if r.num_batches_tracked >= 0 else "-")
+        out_console.print(table)
+        if len(rows) > commands_top():
+            more = f"; all {len(rows)} in {result.table}" if result.table else "; --table FILE writes all of them"
+            out_console.print(f"{len(rows) - commands_top()} more layers{more}", highlight=False, soft_wrap=True)
+    table = _table("train/test inconsistency: SPP variance with mini-batch (train), population (precise) and EMA "
+                   "statistics, |log10| ratio (0.3 = x2)", ["pair", "max over blocks", "at block", "mean"],
+                   left=("pair", "at block"))
+    for d in result.divergence():
+        table.add_row(d["pair"].replace("minibatch", "mini-batch"), _num(d["max_log10"], ".3g"),
+                      f"{d['block']} ({_escape(str(d['name']))})", _num(d["mean_log10"], ".3g"))
+    out_console.print(table)
+    if result.sweep:
+        table = _table("normalisation batch size: mini-batch vs population statistics of the same samples",
+                       ["batch", "samples", "var err (mean over layers)", "var err (worst layer)",
+                        "SPP vs population (max |log10|)"])
+        for res in result.sweep:
+            table.add_row(str(res.batch_size), str(res.samples), f"{res.mean_var_err:.3g}", f"{res.max_var_err:.3g}",
+                          _num(res.spp_divergence, ".3g"))
+        out_console.print(table)
+    written = [str(p) for p in (result.table, result.precise_out, result.figure) if p is not None]
+    if written:
+        console.print("wrote " + ", ".join(written), highlight=False, soft_wrap=True)
+
+
+def commands_top() -> int:
+    from spp.commands import BN_TOP
+
+    return BN_TOP
 
 
 @app.command()
 def models(pattern: Annotated[str | None, typer.Argument(help="fnmatch filter, e.g. 'nf_*'.")] = None) -> None:
     """List the built-in reference models."""
-    with _user_errors():
+    with _session():
         from spp import commands
         from spp.errors import SppError
 
@@ -543,10 +715,16 @@ def gamma(
 
 
 def _relative(site: str, block: str) -> str:
-    """Site names relative to their block ("conv3:output"), so the table stays readable."""
+    """A site relative to its block, so the table stays readable: "layer1.0.conv3:output" of block "layer1.0" is
+    "conv3:output", the block's own "layer1.0:input" is "input". Only a leading block name is removed (block "2"'s
+    site "2.ln2:input" is "ln2:input", not "lninput")."""
     if not block:
         return site
-    return site.replace(f"{block}.", "").replace(f"{block}:", "")
+    if site.startswith(f"{block}."):
+        return site[len(block) + 1:]
+    if site.startswith(f"{block}:"):
+        return site[len(block) + 1:]
+    return site
 
 
 _STAT_NAMES = {"avg_sq_mean": "avg squared mean", "avg_var": "avg variance",
@@ -569,8 +747,6 @@ def _num(v: float, fmt: str = ".3g") -> str:
 
 
 def _print_comparison(result) -> None:
-    from rich.table import Table
-
     comp = result.comparison
     first = comp.labels[0]
     out_console.print(comp.alignment_note, highlight=False, soft_wrap=True)
@@ -580,21 +756,18 @@ def _print_comparison(result) -> None:
     div = comp.divergence
     for stat, heading in _STAT_NAMES.items():
         rows = div[div["statistic"] == stat]
-        table = Table(title=f"{heading}: largest divergence from {first}", title_justify="left")
-        for col in ("vs", "block", "name", "stage", first, "other", f"other/{first}", "log10"):
-            table.add_column(col, justify="left" if col in ("vs", "name") else "right", overflow="fold")
+        table = _table(f"{heading}: largest divergence from {first}",
+                       ["vs", "block", "name", "stage", first, "other", f"other/{first}", "log10"], left=("vs", "name"))
         for r in rows.itertuples():
-            table.add_row(r.label, str(r.block), r.name, str(r.stage), f"{r.first:.4g}", f"{r.other:.4g}",
-                          *_ratio_text(r.log10_ratio))
+            table.add_row(_escape(r.label), str(r.block), _escape(r.name), str(r.stage), f"{r.first:.4g}",
+                          f"{r.other:.4g}", *_ratio_text(r.log10_ratio))
         out_console.print(table)
-    table = Table(title=f"per stage: geometric-mean ratio to {first}", title_justify="left")
-    for col in ("stage", "blocks", "vs", *_STAT_NAMES.values(), "max |log10|"):
-        table.add_column(col, justify="left" if col == "vs" else "right", overflow="fold")
+    table = _table(f"per stage: geometric-mean ratio to {first}",
+                   ["stage", "blocks", "vs", *_STAT_NAMES.values(), "max |log10|"], left=("vs",))
     for r in comp.stages.to_dict("records"):
-        table.add_row("stem" if r["stage"] == 0 else str(r["stage"]), r["blocks"], r["label"],
+        table.add_row("stem" if r["stage"] == 0 else str(r["stage"]), r["blocks"], _escape(r["label"]),
                       *(_num(r[f"{s}_ratio"]) for s in _STAT_NAMES), _num(r["max_abs_log10_ratio"], ".2f"))
     out_console.print(table)
-
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 gets exactly what the CLI draws.
 
 ``plot_model`` (``spp plot``), ``record_to_file`` (``spp record``), ``compare_sources`` (``spp compare``),
-``list_blocks`` (``spp blocks``), ``list_models`` (``spp models``).
+``bn_report`` (``spp bn``), ``list_blocks`` (``spp blocks``), ``list_models`` (``spp models``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spp.errors import SppError
 from spp.files import FIGURE_SUFFIXES, TABLE_SUFFIXES, check_output, commit_outputs, table_writer
 from spp.records import Record
 from spp.run import Progress, RunConfig, record_cached, record_run
@@ -25,8 +26,10 @@ class PlotResult:
     references: list[Record]
     figure: Path
     table: Path
+    x: str = "block"
     nonfinite: list[str] = field(default_factory=list)  # NaN/Inf in the activations: the CLI exits with code 3
-    notes: list[str] = field(default_factory=list)  # worth knowing (skipped images, zero branches)
+    notes: list[str] = field(default_factory=list)  # worth knowing before reading the curves (warnings)
+    figure_notes: list[str] = field(default_factory=list)  # what the panels say: clipped and zero points
 
 
 def default_table_path(out: str) -> str:
@@ -39,17 +42,21 @@ def plot_model(
     out: str = "spp.png",
     table: str | None = None,
     reference: str | None = None,
+    x: str | None = None,
     progress: Progress | None = None,
     use_cache: bool = True,
     force: bool = False,
 ) -> PlotResult:
-    """Record ``cfg.model`` and its references; draw the SPP to ``out``, the numbers to ``table``.
+    """Record ``cfg.model`` and its references (``spp.references``: the kind, depth and inputs of the model's own
+    run); draw the SPP to ``out`` and every curve's numbers to ``table`` (a ``model`` column names the curve).
+    ``x``: block, relative, or None (relative when depths differ).
 
     Both are written as one unit (``spp.files.commit_outputs``); neither may be one of the run's inputs, and the
     table does not replace a record file or a file that is not an spp table unless ``force``.
     """
     from spp import render
-    from spp.references import is_same_run, record_reference, reference_config, reference_names
+    from spp.comparison import check_x
+    from spp.references import check_reference_spec, references_for
 
     implicit_table = table is None
     table = table or default_table_path(out)
@@ -57,27 +64,61 @@ def plot_model(
     check_output(out, FIGURE_SUFFIXES, "--out", inputs=inputs)
     check_output(table, TABLE_SUFFIXES, "--table" if not implicit_table else "the table next to --out",
                  inputs=inputs, replaces="table", force=force)
+    _distinct_outputs({"--out": out, "--table": table})
+    check_x(x)
+    check_reference_spec(reference)
     rec = record_run(cfg, progress=progress)
-    refs = []
-    for name in reference_names(reference, rec.num_blocks):
-        if is_same_run(cfg, reference_config(cfg, name)):
-            continue  # the model is itself this reference: drawing it twice would hide nothing but cost a forward
-        refs.append(record_reference(cfg, name, progress=progress, use_cache=use_cache))
+    notes: list[str] = []
+    refs = references_for(rec, reference, progress=progress, use_cache=use_cache, notes=notes)
+    chosen = x or render.default_x([rec, *refs])
+    figure_notes: list[str] = []
     if _writes():  # under torchrun every rank records its shard; rank 0 alone writes
-        fig = render.draw(rec, references=refs, title=_title(rec))
-        commit_outputs([(out, lambda tmp: render.save_figure(fig, tmp)), *table_outputs(rec, table)],
+        fig = render.draw(rec, references=refs, x=chosen, title=_title(rec), notes=figure_notes)  # type: ignore[arg-type]
+        commit_outputs([(out, render.figure_writer(fig, out)), *table_outputs(rec, table, curves_frame(rec, refs))],
                        inputs=inputs)  # figure and table replace the old ones together, or neither does
-    return PlotResult(rec, refs, Path(out), Path(table), nonfinite=nonfinite_messages(rec), notes=run_notes(rec))
+    return PlotResult(rec, refs, Path(out), Path(table), chosen, nonfinite=nonfinite_messages(rec),
+                      notes=notes + run_notes(rec), figure_notes=figure_notes)
 
 
-def table_outputs(rec: Record, table: str) -> list[tuple[str | Path, Any]]:
-    """The table of ``rec`` at ``table``: one file; but a CSV whose record sidecar is there (a record replaced with
-    ``--force``) is written as a record, sidecar and all, so the sidecar never describes another run."""
+def curves_frame(rec: Record, references: Sequence[Record] = ()) -> Any:
+    """Every curve of a plot as one table: the model's rows, then each reference's, a ``model`` column first
+    (the labels of the figure's legend)."""
+    import pandas as pd
+
+    from spp.render import reference_label
+
+    mode = rec.settings.get("mode")
+    frames = []
+    for r, label in [(rec, rec.label), *((ref, reference_label(ref, mode)) for ref in references)]:
+        df = r.to_frame()
+        df.insert(0, "model", label)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _distinct_outputs(paths: dict[str, str | None]) -> None:
+    """Two outputs of one command naming the same file would overwrite each other: refuse before any work."""
+    import os
+
+    seen: dict[str, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise SppError(f"{seen[key]} and {flag} are the same file ({path}); give them different names")
+        seen[key] = flag
+
+
+def table_outputs(rec: Record, table: str, frame: Any = None) -> list[tuple[str | Path, Any]]:
+    """The table at ``table`` (``frame``, default ``rec``'s rows): one file; but a CSV whose record sidecar is there
+    (a record replaced with ``--force``) is written as ``rec``'s record, sidecar and all, so the sidecar never
+    describes another run."""
     from spp.files import record_outputs, sidecar
 
     if table.lower().endswith(".csv") and sidecar(table).is_file():
         return list(record_outputs(rec, table))
-    return [(table, table_writer(rec.to_frame(), table))]
+    return [(table, table_writer(rec.to_frame() if frame is None else frame, table))]
 
 
 def _writes() -> bool:
@@ -87,12 +128,28 @@ def _writes() -> bool:
     return is_main_process()
 
 
-def _title(rec: Record) -> str:
+def input_description(rec: Record) -> str:
+    """What the record's run fed the model, in words: input kind, sample shape, samples, micro-batches, mode,
+    seed (Gaussian only: files have no seed), skipped and dropped samples."""
     s = rec.settings
+    kind = s.get("input", "gaussian")
     shape = s.get("input_shape")
     shape_text = "x".join(str(v) for v in shape) if shape else "?"
-    return (f"SPP of {rec.label} — {s.get('input', 'gaussian')} input {shape_text}, {s.get('num_samples')} "
-            f"samples in micro-batches of {s.get('batch_size')}, {s.get('mode')} mode, seed {s.get('seed')}")
+    samples = s.get("samples", s.get("num_samples"))
+    sizes = s.get("micro_batch_sizes") or [s.get("batch_size")]
+    batches = "micro-batches of " + " and ".join(str(v) for v in sizes)
+    parts = [f"{kind} input {shape_text}", f"{samples} samples in {batches}", f"{s.get('mode', 'train')} mode"]
+    if kind == "gaussian":
+        parts.append(f"seed {s.get('seed')}")
+    if s.get("skipped_images"):
+        parts.append(f"{s['skipped_images']} unreadable image(s) skipped")
+    if s.get("samples_dropped"):
+        parts.append(f"{s['samples_dropped']} sample(s) dropped")
+    return ", ".join(parts)
+
+
+def _title(rec: Record) -> str:
+    return f"SPP of {rec.label} — {input_description(rec)}"
 
 
 def nonfinite_messages(rec: Record, label: str | None = None) -> list[str]:
@@ -106,15 +163,16 @@ def nonfinite_messages(rec: Record, label: str | None = None) -> list[str]:
 
 
 def run_notes(rec: Record) -> list[str]:
-    """What a user should know before reading the curves: skipped inputs, branches that are zero at init."""
-    notes = []
-    skipped = rec.settings.get("skipped_images")
-    if skipped:
-        notes.append(f"skipped {skipped} unreadable image(s)")
-    noted = [r for r in rec.rows if r["note"]]
-    if noted:
-        notes.append(f"{len(noted)} block(s) of {rec.label} carry a note, e.g. {noted[0]['name']}: "
-                     f"{noted[0]['note']}")
+    """What a user should know before reading the curves that the run did not already warn about: notes on blocks
+    (a branch that is zero at init), each distinct note once."""
+    notes: list[str] = []
+    by_note: dict[str, list[str]] = {}
+    for r in rec.rows:
+        if r["note"]:
+            by_note.setdefault(str(r["note"]), []).append(str(r["name"]))
+    for note, names in by_note.items():
+        where = names[0] if len(names) == 1 else f"{len(names)} blocks of {rec.label} ({names[0]}, ...)"
+        notes.append(f"{where}: {note}")
     return notes
 
 
@@ -169,6 +227,10 @@ class CompareResult:
     figure: Path | None = None
     table: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    figure_notes: list[str] = field(default_factory=list)
+
+
+DEFAULT_COMPARE_FIGURE = "compare.png"
 
 
 def _source(source: str | Record, cfg: RunConfig | None, progress: Progress | None,
@@ -215,10 +277,10 @@ def compare_sources(
     """Compare record files, Records and model specs (recorded with ``cfg``'s model and input settings).
 
     Outputs and model specs are checked first, files loaded next, models recorded last, so a typo fails in a
-    blink. The figure and table are written as one unit, never over one of the sources; the table replaces a
-    record file or a file that is not an spp table only with ``force``.
-    ``x=None``: block index when block counts are equal, relative depth otherwise. ``spp.comparison`` explains
-    the alignment.
+    blink. The figure goes to ``out`` (default ``compare.png``), the aligned table to ``table`` when given, written
+    as one unit, never over one of the sources; the table replaces a record file or a file that is not an spp table
+    only with ``force``. ``x=None``: block (or layer) index when the depths are equal, relative depth otherwise.
+    ``spp.comparison`` explains the alignment.
     """
     from spp import comparison as comparing
     from spp.errors import SppError
@@ -232,10 +294,11 @@ def compare_sources(
     comparing.check_x(x)
     comparing.check_align(align)
     inputs = compare_inputs(sources, cfg)
-    if out is not None:
-        check_output(out, FIGURE_SUFFIXES, "--out", inputs=inputs)
+    out = out or DEFAULT_COMPARE_FIGURE
+    check_output(out, FIGURE_SUFFIXES, "--out", inputs=inputs)
     if table is not None:
         check_output(table, TABLE_SUFFIXES, "--table", inputs=inputs, replaces="table", force=force)
+    _distinct_outputs({"--out": out, "--table": table})
 
     tables = (".json", ".csv", ".parquet")
     is_file = [isinstance(s, Record) or Path(s).is_file() or Path(s).suffix.lower() in tables
@@ -257,20 +320,19 @@ def compare_sources(
     for rec, lab in zip(records, comparison.labels, strict=True):
         messages += nonfinite_messages(rec, lab)
 
-    figure = None
-    outputs: list[tuple[str, Any]] = []
-    if out is not None:
-        from spp import render
+    from spp import render
 
-        fig = render.draw(records, x=x, labels=comparison.labels,  # type: ignore[arg-type]
-                          title="SPP comparison: " + " vs ".join(comparison.labels))
-        outputs.append((out, lambda tmp: render.save_figure(fig, tmp)))
-        figure = Path(out)
+    figure_notes: list[str] = []
+    fig = render.draw(records, x=x, labels=comparison.labels,  # type: ignore[arg-type]
+                      title="SPP comparison: " + " vs ".join(comparison.labels), notes=figure_notes)
+    writers: dict[str, Any] = {out: render.figure_writer(fig, out)}
     if table is not None:
-        outputs.append((table, table_writer(comparison.table, table)))
-    if outputs and _writes():
-        commit_outputs(outputs, inputs=inputs)  # figure and table together, or neither
-    return CompareResult(comparison, x, x_note, figure, Path(table) if table else None, messages)
+        writers[table] = table_writer(comparison.table, table)
+    if _writes():
+        commit_outputs(list(writers.items()), inputs=inputs)  # figure and table together, or neither
+    else:
+        render.close(fig)
+    return CompareResult(comparison, x, x_note, Path(out), Path(table) if table else None, messages, figure_notes)
 
 
 # ---- what a command reads: never overwritten by what it writes ----------------------------------------------
@@ -408,4 +470,195 @@ def check_source(
 
         commit_outputs([(json_out, write)], inputs=inputs)
         result.json_path = Path(json_out)
+    return result
+
+
+# ---- bn ------------------------------------------------------------------------------------------------------
+PRECISE_SUFFIXES = (".pt", ".pth")
+BN_TOP = 10  # layers printed; the table holds them all
+
+
+@dataclass
+class BnResult:
+    """What ``spp bn`` measured (``spp.bn``): the PreciseBN statistics, the EMA buffers' discrepancy per layer
+    (worst first), the train / precise / EMA SPPs of the same inputs, the batch-size sweep, and the files written."""
+
+    label: str
+    batch_sizes: list[int]
+    stats: Any  # spp.bn.PreciseStats
+    discrepancy: list[Any]  # spp.bn.LayerDiscrepancy, worst first
+    train_test: Any  # spp.bn.TrainTestSpp
+    sweep: list[Any]  # spp.bn.BatchSizeResult per batch size (empty with one batch size)
+    normalisation: str  # which samples each BatchNorm normalised over, in words
+    inputs: str  # what the model was fed, in words
+    table: Path | None = None
+    precise_out: Path | None = None
+    figure: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def divergence(self) -> list[dict[str, Any]]:
+        """Per pair of (mini-batch, precise, EMA): the largest |log10| ratio of avg_var over the blocks and where."""
+        out = []
+        rows = self.train_test.divergence()
+        for pair in ("minibatch/precise", "minibatch/ema", "precise/ema"):
+            key = f"avg_var:{pair}"
+            scored = [r for r in rows if r[key] == r[key]]
+            worst = max(scored, key=lambda r: r[key], default=None)
+            out.append({"pair": pair, "max_log10": worst[key] if worst else float("nan"),
+                        "block": worst["block"] if worst else -1, "name": worst["name"] if worst else "",
+                        "mean_log10": sum(r[key] for r in scored) / len(scored) if scored else float("nan")})
+        return out
+
+
+def parse_batch_sizes(text: str | int | Sequence[int]) -> list[int]:
+    """``--batch-size 32`` or ``32,2,4,8``: whole numbers of at least 2, the first the PreciseBN micro-batch."""
+    if isinstance(text, int):
+        items: list[Any] = [text]
+    elif isinstance(text, str):
+        items = [t.strip() for t in text.split(",")]
+    else:
+        items = list(text)
+    sizes = []
+    for item in items:
+        try:
+            size = int(item)
+        except (TypeError, ValueError):
+            raise SppError(f"--batch-size takes whole numbers separated by commas (32 or 32,2,4,8), not {text!r}") \
+                from None
+        if size < 2 or str(size) != str(item).strip():
+            raise SppError(f"--batch-size {item}: a normalisation batch needs at least 2 samples (whole numbers)")
+        if size not in sizes:
+            sizes.append(size)
+    if not sizes:
+        raise SppError("--batch-size is empty")
+    return sizes
+
+
+def bn_report(
+    cfg: RunConfig,
+    *,
+    batch_sizes: Sequence[int] | str | None = None,
+    table: str | None = None,
+    precise_out: str | None = None,
+    plot: str | None = None,
+    sync_bn: bool = False,
+    progress: Progress | None = None,
+) -> BnResult:
+    """``spp bn``: the BatchNorm layers of ``cfg.model`` (with ``cfg.checkpoint`` loaded) on ``cfg``'s inputs.
+
+    The first batch size is the micro-batch of PreciseBN and of the train / precise / EMA SPPs (default
+    ``cfg.batch_size``); all of them (when more than one) are swept over the same samples. Samples: ``--num-samples``,
+    else every sample of a file (images up to 256), else for Gaussian input 4 micro-batches of the largest batch
+    size; a last micro-batch shorter than the batch size is dropped (it would have another normalisation batch).
+    The model runs as ``spp.bn`` describes (train mode without touching the running buffers; everything restored
+    bitwise); the checkpoint file is only read. ``precise_out``: the state_dict with the precise statistics in the
+    running buffers, a file of plain tensors (``torch.load(..., weights_only=True)``). ``sync_bn``: under torchrun,
+    BatchNorm becomes SyncBatchNorm for the run, so the normalisation batch spans the ranks.
+    """
+    import contextlib
+    import os
+
+    import torch
+
+    from spp import bn as sppbn
+    from spp import distributed
+    from spp.devices import off_cpu, resolve_device
+    from spp.inputs import make_input
+    from spp.labels import config_label
+    from spp.loading import load_model
+    from spp.run import default_resolution, no_progress, normalisation_batches
+
+    sizes = parse_batch_sizes(batch_sizes if batch_sizes is not None else cfg.batch_size)
+    if cfg.dtype != "float32":
+        raise SppError("spp bn measures statistics in float32: drop --dtype")
+    for path, suffixes, flag in ((table, TABLE_SUFFIXES, "--table"), (precise_out, PRECISE_SUFFIXES, "--precise-out"),
+                                 (plot, FIGURE_SUFFIXES, "--plot")):
+        if path is not None:
+            check_output(path, suffixes, flag, inputs=run_inputs(cfg))
+    _distinct_outputs({"--table": table, "--precise-out": precise_out, "--plot": plot})
+    if precise_out is not None and os.path.exists(precise_out):
+        for given, flag in ((cfg.checkpoint, "--checkpoint"), (cfg.model, "--model")):
+            if given and os.path.isfile(given) and os.path.samefile(given, precise_out):
+                raise SppError(f"--precise-out {precise_out} is the {flag} file: spp never overwrites your model; "
+                               "write the precise state_dict to another file")
+    device = resolve_device(cfg.device)
+    ctx = distributed.init_from_env(device)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
+                        checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_pickle)
+    model = loaded.model.to(device) if device.type != "cpu" or off_cpu(loaded.model) else loaded.model
+    sppbn.batchnorm_layers(model)  # the "no BatchNorm layer" error before any data is read
+    resolution = default_resolution(cfg, loaded.data_config)
+    in_chans = cfg.in_chans or cfg.model_kwargs.get("in_chans") or 3
+    num_samples = cfg.num_samples
+    gaussian = cfg.input is None or cfg.input.strip().lower() in ("gaussian", "gauss", "normal", "randn", "noise")
+    if num_samples is None and gaussian:
+        num_samples = 4 * max(sizes)
+    source = make_input(cfg.input, num_samples=num_samples, batch_size=sizes[0], seed=cfg.seed, std=cfg.input_std,
+                        data_config=loaded.data_config, resolution=resolution, in_chans=in_chans)
+    source, _ = normalisation_batches(source, True)
+    indices = ctx.shard(source.num_batches) if ctx.active else None
+    batches = list(source.batches(indices, device=device))
+    if ctx.active and sync_bn:
+        sppbn._check_same_batch_count(len(batches))
+    label = config_label(cfg)
+    settings = source.describe()
+    notes: list[str] = []
+    tick = progress or no_progress
+    world = ctx.world_size if ctx.active else 1
+    sync = sppbn.sync_batchnorm(model) if sync_bn else contextlib.nullcontext(0)
+    with sync as converted:
+        if sync_bn and not converted:
+            notes.append("--sync-bn without torchrun (one process): nothing to synchronise, BatchNorm left as it is")
+        with tick(f"PreciseBN statistics of {label}", len(batches)) as on_batch:
+            stats = sppbn.precise_bn_stats(model, batches, distributed=ctx.active, on_batch=on_batch)
+        with tick(f"train / precise / EMA SPPs of {label}", 3 * len(batches)) as on_batch:
+            train_test = sppbn.train_test_spp(model, batches, stats, distributed=ctx.active, on_batch=on_batch)
+    discrepancy = sppbn.ema_discrepancy(model, stats)
+    if stats.untracked:
+        notes.append(f"{len(stats.untracked)} BatchNorm layer(s) have no running buffers (track_running_stats="
+                     f"False: they normalise with batch statistics in eval mode too), e.g. {stats.untracked[0]}")
+    if stats.unused:
+        notes.append(f"{len(stats.unused)} BatchNorm layer(s) never ran on these inputs, e.g. {stats.unused[0]}: "
+                     "no statistics, their buffers are left as they are")
+    sweep: list[Any] = []
+    if len(sizes) > 1:
+        samples = torch.cat(batches) if batches else None
+        if samples is None or samples.shape[0] < max(sizes):
+            raise SppError(f"--batch-size {max(sizes)} needs at least {max(sizes)} samples"
+                           + (" per rank" if ctx.active else "") + f"; there are "
+                           f"{0 if samples is None else samples.shape[0]}: raise --num-samples")
+        total = sum(int(samples.shape[0]) // b * 2 for b in sizes)
+        with tick(f"normalisation batch sizes {','.join(map(str, sizes))}", total) as on_batch:
+            sweep = sppbn.batch_size_sweep(model, samples, sizes, stats, on_batch=on_batch)
+        if ctx.active:
+            notes.append("the batch-size sweep runs on each rank's own samples (rank 0's shown)")
+    if ctx.active and sync_bn and converted:
+        normalisation = (f"normalisation batch: {world} ranks x {sizes[0]} = {world * sizes[0]} samples "
+                         "(--sync-bn: SyncBatchNorm over all ranks' micro-batches)")
+    elif ctx.active:
+        normalisation = (f"normalisation batch: {sizes[0]} samples, the per-rank micro-batch ({world} ranks, "
+                         f"{world * sizes[0]} per step): without --sync-bn each rank's BatchNorm normalises its own "
+                         "micro-batch")
+    else:
+        normalisation = f"normalisation batch: {sizes[0]} samples per micro-batch (one process)"
+    inputs = (f"{settings.get('input')} input {'x'.join(map(str, settings.get('input_shape') or []))}, "
+              f"{stats.samples} samples in {stats.batches} micro-batches of {sizes[0]}")
+    result = BnResult(label, sizes, stats, discrepancy, train_test, sweep, normalisation, inputs, notes=notes)
+    writers: dict[Any, Any] = {}
+    if table is not None:
+        writers[table] = table_writer(sppbn.to_frame(discrepancy), table)
+        result.table = Path(table)
+    if precise_out is not None:
+        state = {k: v.detach().cpu() for k, v in sppbn.precise_state_dict(model, stats).items()}
+        writers[precise_out] = lambda tmp: torch.save(state, tmp)
+        result.precise_out = Path(precise_out)
+    if plot is not None:
+        from spp import render
+
+        fig = render.draw_bn(train_test, sweep, title=f"BatchNorm of {label}: {inputs}; {normalisation}")
+        writers[plot] = render.figure_writer(fig, plot)
+        result.figure = Path(plot)
+    if writers and _writes():
+        commit_outputs(list(writers.items()), inputs=run_inputs(cfg))
     return result

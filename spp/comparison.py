@@ -72,14 +72,12 @@ class Comparison:
 
 
 # ---- labels, settings, x axis ------------------------------------------------------------------------------
-def unique_labels(labels: Sequence[str]) -> list[str]:
-    """Make labels unique by numbering repeats: a, a (2), a (3)."""
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
-    return out
+def unique_labels(labels: Sequence[str], settings: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """Labels made unique (``spp.labels.distinct_labels``): by the run setting that tells repeats apart, else
+    numbered ``a``, ``a #2``."""
+    from spp.labels import distinct_labels
+
+    return distinct_labels(labels, settings)[0]
 
 
 def settings_differences(records: Sequence[Record], labels: Sequence[str]) -> list[str]:
@@ -108,11 +106,15 @@ def _show(v: Any) -> str:
 
 
 def default_x(records: Sequence[Record]) -> tuple[str, str]:
-    """'block' when every record has the same block count, else 'relative'; and a sentence saying why."""
-    counts = [r.num_blocks for r in records]
-    if len(set(counts)) == 1:
-        return "block", f"x axis: block index (every record has {counts[0]} blocks)"
-    return "relative", (f"x axis: relative depth (block counts differ: {', '.join(map(str, counts))}); "
+    """'block' when every record has the same depth (blocks, or layers for two-branch models), else 'relative';
+    and a sentence saying why (``spp.render.default_x`` makes the same choice for a figure)."""
+    from spp.render import branches, depth_of
+
+    unit = "layer" if any(branches(r) for r in records) else "block"
+    depths = [int(depth_of(r)) for r in records]
+    if len(set(depths)) == 1:
+        return "block", f"x axis: {unit} index (every record has {depths[0]} {unit}s)"
+    return "relative", (f"x axis: relative depth ({unit} counts differ: {', '.join(map(str, depths))}); "
                         "--x block to override")
 
 
@@ -186,9 +188,12 @@ def compare_records(
     records = list(records)
     if len(records) < 2:
         raise SppError("compare needs at least two records or models")
-    labels = unique_labels(list(labels) if labels is not None else [r.label for r in records])
+    from spp.labels import distinct_labels
+
+    labels = list(labels) if labels is not None else [r.label for r in records]
     if len(labels) != len(records):
         raise SppError(f"{len(labels)} labels for {len(records)} records")
+    labels, label_notes = distinct_labels(labels, [r.settings for r in records])
     kind, keep, positions = align_positions(records, align, labels)
     base = records[0]
 
@@ -226,7 +231,7 @@ def compare_records(
         note = (f"aligned by relative depth (tap names differ; blocks: {counts})"
                 + ("" if exact else f"; values interpolated at {labels[0]}'s blocks"))
     return Comparison(records, labels, kind, note, table, divergence, stages,
-                      settings_differences(records, labels))
+                      settings_differences(records, labels) + label_notes)
 
 
 def _divergence(table, labels: Sequence[str], top: int) -> list[dict[str, Any]]:

@@ -968,6 +968,10 @@ def _from_plain_table(data: Any, name: str) -> Record:
         raise NotARecord(name, f"{kind} without the SPP columns ({', '.join(missing)} missing; "
                                f"it has {cols or 'no columns'})")
     fallback = {"float": math.nan, "int": 0, "str": ""}
+    label = Path(name).stem
+    if "model" in df.columns and "model" not in NAMES and len(df):  # `spp plot --table`: the model, then references
+        label = str(df["model"].iloc[0])
+        df = df[df["model"] == df["model"].iloc[0]]
     rows = []
     for raw in df.to_dict("records"):
         row: dict[str, Any] = {}
@@ -987,5 +991,5 @@ def _from_plain_table(data: Any, name: str) -> Record:
         rows.append(row)
     ends = [i for i in range(1, len(rows)) if i + 1 == len(rows) or rows[i + 1]["stage"] != rows[i]["stage"]]
     _check_record(rows, ends, name)
-    settings = {"label": Path(name).stem, "loaded_from": "plain table"}
+    settings = {"label": label, "loaded_from": "plain table"}
     return Record(rows=rows, stage_ends=ends, settings=settings)

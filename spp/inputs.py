@@ -73,6 +73,18 @@ class InputSource(ABC):
         """Plain settings for the Record (what the input was)."""
 
 
+def limit_samples(source: InputSource, num_samples: int) -> InputSource:
+    """A copy of ``source`` that stops after its first ``num_samples`` samples (the micro-batches keep their
+    samples; a shorter last one disappears): how a recording drops a remainder it cannot normalise."""
+    import copy
+
+    if not 1 <= num_samples <= source.num_samples:
+        raise ValueError(f"cannot limit {source.num_samples} samples to {num_samples}")
+    limited = copy.copy(source)
+    object.__setattr__(limited, "num_samples", num_samples)  # frozen dataclasses too
+    return limited
+
+
 def _floating(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     if x.is_floating_point():
         return x.to(device=device, dtype=dtype)
@@ -159,9 +171,13 @@ class ImageInput(InputSource):
     """Images preprocessed as for evaluation: resize, center crop to ``input_size``, normalise with mean/std.
 
     The transform is timm's ``create_transform`` with the model's data config (``input_size``, ``mean``,
-    ``std``, ``interpolation``, ``crop_pct``), which for non-timm models is the ImageNet default. Files are
-    read when their micro-batch is asked for; unreadable ones are skipped with a warning and counted in
-    ``describe()["skipped_images"]``.
+    ``std``, ``interpolation``, ``crop_pct``), which for non-timm models is the ImageNet default.
+
+    Micro-batches are formed from readable images only: on construction the files are decoded in order until
+    ``num_samples`` of them have opened (every file, up to MAX_DEFAULT_IMAGES, without ``num_samples``); the ones
+    that do not open are skipped with one warning and counted in ``describe()["skipped_images"]``. So micro-batch
+    j always holds ``batch_size`` images (but the last), whichever files are broken, and a rank's shard holds the
+    same images as in one process. Files are decoded again when their micro-batch is asked for.
     """
 
     def __init__(
@@ -183,16 +199,26 @@ class ImageInput(InputSource):
         self.files = list(files)
         self.where = where or os.path.commonpath([os.path.abspath(f) for f in self.files])
         self.available = len(self.files)
-        cap = self.available if num_samples is not None else min(self.available, MAX_DEFAULT_IMAGES)
-        if num_samples is not None and num_samples > self.available:
-            warnings.warn(
-                f"--input {self.where}: {num_samples} samples asked for, {self.available} images found; "
-                f"using {self.available}",
-                stacklevel=2,
-            )
-        self.num_samples = min(num_samples or cap, self.available)
         self.batch_size = batch_size
         self.input_size = (chans, int(input_size[1]), int(input_size[2]))
+        self.skipped: dict[str, str] = {}
+        wanted = num_samples if num_samples is not None else min(self.available, MAX_DEFAULT_IMAGES)
+        self.used = self._readable(wanted)
+        self.num_samples = len(self.used)
+        if not self.used:
+            first = next(iter(self.skipped.items()), ("", ""))
+            raise SppError(f"--input {self.where}: no usable image ({len(self.skipped)} unreadable, "
+                           f"e.g. {first[0]}: {first[1]})")
+        if self.skipped:
+            path, reason = next(iter(self.skipped.items()))
+            warnings.warn(f"--input {self.where}: skipped {len(self.skipped)} unreadable image(s), e.g. {path}: "
+                          f"{reason}; using {self.num_samples} readable ones", stacklevel=2)
+        if num_samples is not None and num_samples > self.num_samples:
+            warnings.warn(
+                f"--input {self.where}: {num_samples} samples asked for, {self.num_samples} readable images "
+                f"found; using {self.num_samples}",
+                stacklevel=2,
+            )
         config = {**IMAGENET_CONFIG, **(data_config or {})}
         mean, std = tuple(config["mean"]), tuple(config["std"])
         if chans == 1:  # one grey channel: one mean/std
@@ -201,8 +227,24 @@ class ImageInput(InputSource):
         self.interpolation = str(config.get("interpolation") or "bilinear")
         self.crop_pct = float(config.get("crop_pct") or 0.875)
         self.crop_mode = str(config.get("crop_mode") or "center")
-        self.skipped: dict[str, str] = {}
         self._transform = None
+
+    def _readable(self, wanted: int) -> list[str]:
+        """The first ``wanted`` files, in order, that decode as images; the others go to ``self.skipped``."""
+        from PIL import Image
+
+        used: list[str] = []
+        for path in self.files:
+            if len(used) >= wanted:
+                break
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+                self.skipped[path] = " ".join(str(exc).split())[:120] or type(exc).__name__
+                continue
+            used.append(path)
+        return used
 
     def transform(self):
         """timm's eval transform (resize, center crop, to tensor, normalise), built once."""
@@ -232,7 +274,7 @@ class ImageInput(InputSource):
     ) -> torch.Tensor:
         images, bad = [], []
         for i in self.batch_slice(j):
-            path = self.files[i]
+            path = self.used[i]
             try:
                 images.append(self.load(path))
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files

@@ -7,6 +7,7 @@ twice. Drawing itself is ``spp.render.draw``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ def plot(
     records: Record | Sequence[Record],
     *,
     references: str | Sequence[Record] | None = None,
-    x: XAxis = "block",
+    x: XAxis | None = None,
     labels: Sequence[str] | None = None,
     title: str | None = None,
     axes: Any = None,
@@ -28,8 +29,9 @@ def plot(
     """Draw ``records`` over ``references`` and return the matplotlib Figure.
 
     ``references``: Records to draw behind; or a string as ``spp plot --reference`` takes it ("auto" for the three
-    families at the matching depth, "nf_resnet", "bn_relu_resnet50,...", "none"), recorded now for the first record
-    on its own inputs (or read from the curve cache).
+    families of the record's kind at the matching depth, "nf_resnet", "bn_relu_resnet50,...", "none"), recorded
+    now for the first record on its own inputs (or read from the curve cache); when no reference fits the record's
+    input, a warning says why. ``x``: "block", "relative", or None (relative when the depths differ).
     """
     chosen = [records] if isinstance(records, Record) else list(records)
     if not chosen:
@@ -40,7 +42,10 @@ def plot(
     elif isinstance(references, str):
         from spp.references import references_for
 
-        refs = references_for(chosen[0], references, use_cache=use_cache)
+        notes: list[str] = []
+        refs = references_for(chosen[0], references, use_cache=use_cache, notes=notes)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
     else:
         refs = list(references)
     return draw(chosen, references=refs, x=x, labels=labels, title=title, axes=axes)

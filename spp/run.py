@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from spp.errors import SppError
+from spp.labels import config_label
 from spp.records import Record
 from spp.validate import check_run_settings
 
@@ -136,14 +137,17 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
     source = make_input(cfg.input, num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed,
                         std=cfg.input_std, data_config=loaded.data_config, resolution=resolution, in_chans=in_chans,
                         tokens=loaded.tokens, seq_len=cfg.seq_len)
+    source, batching = normalisation_batches(source, cfg.mode == "train" and _has_batch_statistics(model))
+    label = config_label(cfg)
     settings = {
         "model": loaded.name,
-        "label": cfg.label or loaded.name,
+        "label": label,
         "model_spec": cfg.model,
         "model_kwargs": dict(cfg.model_kwargs),
         "source": loaded.source,
         **({"resolution": resolution} if not loaded.takes_tokens else {"model_inputs": "tokens"}),
         **source.describe(),
+        **batching,
         **library_versions(),
         "run": cfg.describe(),
     }
@@ -152,7 +156,7 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
     indices = ctx.shard(source.num_batches) if ctx.active else None
     total = len(indices) if indices is not None else source.num_batches
     try:
-        with (progress or no_progress)(f"recording {cfg.label or loaded.name}", total) as on_batch, \
+        with (progress or no_progress)(f"recording {label}", total) as on_batch, \
                 autocast(device, dtype):
             rec = hooks.record(
                 model,
@@ -178,6 +182,40 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
     if "skipped_images" in settings:  # images are read during the forward: count the unreadable ones now
         rec.settings["skipped_images"] = source.describe()["skipped_images"]
     return rec
+
+
+def normalisation_batches(source: Any, batch_statistics: bool) -> tuple[Any, dict[str, Any]]:
+    """The micro-batches a recording uses, and settings that say so truthfully.
+
+    Without batch statistics (no BatchNorm in train mode) every sample is used: micro-batches merge exactly
+    whatever their sizes. With them each micro-batch is a normalisation batch, so all of them hold exactly
+    ``--batch-size`` samples: a shorter last one (which would be normalised over fewer samples, or not at all
+    with one sample) is dropped, with one warning saying how many samples were used. Fewer samples than
+    ``--batch-size`` make one micro-batch of all of them (at least 2), which the warning names as the
+    normalisation batch. Returns the source to record and ``{"micro_batch_sizes", "samples_dropped"}``.
+    """
+    import warnings
+
+    from spp.inputs import limit_samples
+
+    total, size = source.num_samples, source.batch_size
+    full = total // size * size
+    dropped = 0
+    if batch_statistics and total < 2:
+        raise SppError(f"{total} sample with BatchNorm in train mode: it would be normalised on its own; give 2 or "
+                       "more samples, or use --mode eval")
+    if batch_statistics and full == 0:
+        warnings.warn(f"{total} samples, fewer than --batch-size {size}: BatchNorm in train mode normalises them as "
+                      f"one micro-batch of {total}", stacklevel=2)
+    elif batch_statistics and full < total:
+        dropped = total - full
+        source = limit_samples(source, full)
+        warnings.warn(f"used {full} of {total} samples: BatchNorm in train mode normalises each micro-batch with "
+                      f"its own statistics, so every micro-batch holds --batch-size {size}; the last {dropped} "
+                      f"would be normalised on their own (--num-samples a multiple of {size} uses them all)",
+                      stacklevel=2)
+    sizes = sorted({len(source.batch_slice(j)) for j in range(source.num_batches)}, reverse=True)
+    return source, {"num_samples": source.num_samples, "micro_batch_sizes": sizes, "samples_dropped": dropped}
 
 
 def _has_batch_statistics(model: Any) -> bool:

@@ -27,15 +27,34 @@ def error_lines(result) -> list[str]:
 
 
 def test_plot_writes_figure_and_table(tmp_path):
+    """The table holds every curve of the figure, a `model` column naming each: the model (17 tap points), then
+    the two references it is not itself (nf_resnet50 is its own NF reference)."""
     out = tmp_path / "nf.png"
     result = run("plot", "--model", "nf_resnet50", "--out", str(out), *TINY)
     assert result.exit_code == 0, result.output
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 1000
     df = pd.read_csv(tmp_path / "nf.csv")
-    assert len(df) == 1 + 16 and list(df["block"]) == list(range(17))
-    assert df["expected_var"].iloc[1] == pytest.approx(1.04)
-    assert "stage" in result.output and "reference" in result.output
+    assert list(df.columns[:2]) == ["model", "block"]
+    assert df.groupby("model", sort=False).size().to_dict() == {"nf_resnet50 (width=0.0625)": 17,
+                                                                  "BN-ReLU-Conv 50": 17, "ReLU-BN-Conv 50": 17}
+    mine = df[df["model"] == "nf_resnet50 (width=0.0625)"]
+    assert list(mine["block"]) == list(range(17)) and mine["expected_var"].iloc[1] == pytest.approx(1.04)
+    assert "reference BN-ReLU-Conv 50" in result.output and "nf_resnet50 (width=0.0625): 16 tap points" in \
+        result.output
+    assert f"x axis: block index; wrote {out} and {tmp_path / 'nf.csv'}" in result.output.replace("\n", "")
+
+
+def test_plot_label_and_x_axis(tmp_path):
+    out = tmp_path / "mine.png"
+    result = run("plot", "--model", "nf_resnet50", "--out", str(out), "--label", "my net", "--x", "relative",
+                 "--reference", "bn_relu_resnet", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "my net: 16 tap points" in result.output and "x axis: relative depth" in result.output
+    assert set(pd.read_csv(tmp_path / "mine.csv")["model"]) == {"my net", "BN-ReLU-Conv 50"}
+    from spp.files import load_record
+
+    assert load_record(tmp_path / "mine.csv").label == "my net"  # a plot table reads back as the model's record
 
 
 @pytest.mark.parametrize("suffix,magic", [(".svg", b"<?xml"), (".pdf", b"%PDF")])
@@ -103,6 +122,78 @@ def test_blocks_shows_taps_and_rules():
     result = run("blocks", "--model", "nf_resnet50", "--width", "0.0625")
     assert result.exit_code == 0
     assert "conv3:output" in result.output and "16 tap points" in result.output
+
+
+def test_blocks_prints_each_note_once():
+    """torchvision resnet18 with zero_init_residual: the same zero-branch note on all 8 blocks was repeated on
+    every row (118 lines for 16 blocks); now each row points to note 1, printed once below the table."""
+    result = run("blocks", "--model", "torchvision:resnet18", "--model-kwargs", '{"zero_init_residual": true}')
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note ")]
+    assert len(notes) == 1 and notes[0].startswith("note 1: ") and "zero_init_residual" in notes[0]
+    assert result.output.count("[note 1]") == 8
+
+
+def test_sites_are_shown_relative_to_their_block():
+    """Block "2"'s site "2.ln2:input" printed as "lninput" (every "2." and "2:" was removed)."""
+    from spp.cli import _relative
+
+    assert _relative("2.ln2:input", "2") == "ln2:input"
+    assert _relative("2:output", "2") == "output"
+    assert _relative("layer1.0.conv3:output", "layer1.0") == "conv3:output"
+    assert _relative("stem.conv:output", "2") == "stem.conv:output"
+
+
+@pytest.mark.parametrize("command", ["plot", "record", "compare", "blocks", "bn"])
+def test_help_has_no_bool_hints_and_no_truncated_text(command):
+    """At 80 columns: no `<bool>` beside on/off flags (they take no value) and no help cut with '…'."""
+    out = subprocess.run([sys.executable, "-m", "spp", command, "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "80", "TERM": "dumb"}, check=True).stdout
+    assert "<bool>" not in out and "…" not in out
+    assert "--help" in out and "<str>" in out  # options with values keep their type
+
+
+def test_summary_folds_numbers_on_a_narrow_terminal(monkeypatch):
+    """At 60 columns the summary cut numbers to '0.36…'; now every column's cells fold, so the column's text,
+    read top to bottom, is exactly the numbers in order."""
+    import io
+
+    from rich.console import Console
+
+    from spp import cli
+    from spp.run import RunConfig, record_run
+
+    rec = record_run(RunConfig(model="relu_bn_resnet50", model_kwargs={"width": 0.0625}, resolution=32,
+                               batch_size=2))
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "out_console", Console(file=buf, width=60))
+    cli._print_summary(rec)
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 60
+    body = [line for line in text.splitlines() if line.startswith("│")]
+    columns = ["".join(cell.strip() for cell in col) for col in zip(*(line.strip("│").split("│") for line in body),
+                                                                       strict=True)]
+    stages = rec.stage_summary()
+    assert columns[2] == f"{rec.rows[0]['avg_var']:.4g}" + "".join(f"{s['first_var']:.4g}" for s in stages)
+    assert columns[4] == f"{rec.rows[0]['avg_sq_mean']:.4g}" + "".join(f"{s['max_sq_mean']:.4g}" for s in stages)
+    assert any("e-" in f"{s['max_sq_mean']:.4g}" for s in stages)  # the 1e-14 of ReLU-BN-Conv's stage 1
+
+
+def test_warnings_are_one_line_each_and_said_once(tmp_path):
+    """A folder of 4 images, one corrupt: the model and its 2 references each read it, and the skip used to be
+    a raw UserWarning with its source line, three times. Now: one line, once."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "9.png").write_bytes(b"not a png")
+    result = run("plot", "--model", "nf_resnet50", "--input", str(tmp_path), "--out", str(tmp_path / "x.png"),
+                 *TINY)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "unreadable" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: --input ") and "using 4 readable ones" in lines[0]
+    assert "UserWarning" not in result.output and "warnings.warn" not in result.output
 
 
 @pytest.mark.parametrize("args", [["--help"], ["plot", "--help"], ["models"], ["blocks", "--help"]])

@@ -133,7 +133,7 @@ def test_plain_lines_when_piped_and_a_table_on_a_terminal(monkeypatch):
     assert piped.exit_code == 1
     lines = piped.output.splitlines()
     assert any(line.startswith("error: mean_shift: blocks ") for line in lines)
-    assert "spp check nf_resnet50 (16 blocks): unhealthy; 1 error(s)" in piped.output
+    assert "spp check nf_resnet50 (width=0.0625, ws=False) (16 blocks): unhealthy; 1 error(s)" in piped.output
     screen = io.StringIO()
     monkeypatch.setattr(spp.cli, "out_console", Console(file=screen, force_terminal=True, width=200))
     assert check("-m", "nf_resnet50", "--no-ws", *TINY).exit_code == 1

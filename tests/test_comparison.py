@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from spp.cli import app
+from spp.commands import compare_sources
 from spp.comparison import compare_records, default_x, log_ratio
 from spp.errors import SppError
 from spp.files import save_record
@@ -53,10 +54,18 @@ def _planted(rec: Record) -> Record:
 
 def test_a_record_against_itself_is_identical(ws):
     comp = compare_records([ws, ws])
-    assert comp.labels == ["ws", "ws (2)"]
+    assert comp.labels == ["ws", "ws #2"]  # never two alike, and said so
     assert comp.alignment == "name" and comp.identical
     assert (comp.divergence["log10_ratio"] == 0.0).all()
-    assert comp.warnings == []
+    assert len(comp.warnings) == 1 and "2 records are called 'ws' and no run setting tells them apart" in \
+        comp.warnings[0]
+
+
+def test_records_of_one_model_are_told_apart_by_their_settings(ws):
+    other = copy.deepcopy(ws)
+    other.settings["mode"] = "eval"
+    comp = compare_records([ws, other])
+    assert comp.labels == ["ws [mode=train]", "ws [mode=eval]"]
 
 
 def test_planted_divergence_is_found_first(ws):
@@ -132,6 +141,12 @@ def test_no_common_blocks(ws):
 
 
 # ---- the CLI --------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """`spp compare` writes compare.png into the working folder by default: a temporary one here."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run(*args: str):
     result = CliRunner().invoke(app, list(args))
     assert "Traceback" not in result.output
@@ -149,7 +164,20 @@ def test_cli_model_spec_equals_its_record_file(tmp_path):
     result = run("compare", "nf_resnet50", str(rec), *TINY)
     assert result.exit_code == 0, result.output
     assert "aligned by tap name (16 blocks after the stem)" in result.output
-    assert "every record equals nf_resnet50 exactly at every aligned block" in result.output
+    assert "every record equals nf_resnet50 (width=0.0625) exactly at every aligned block" in result.output
+    # no --out: the figure goes to compare.png, and the command says where
+    assert result.output.rstrip().endswith("wrote compare.png") and (tmp_path / "compare.png").is_file()
+
+
+def test_cli_compare_labels_say_the_options(tmp_path):
+    """`spp compare nf_resnet600 'nf_resnet600?ws=false'`: the tables name both runs by their options."""
+    result = run("compare", "nf_resnet50", "nf_resnet50?ws=false", *TINY, "--out", str(tmp_path / "c.png"))
+    assert result.exit_code == 0, result.output
+    assert "largest divergence from nf_resnet50 (width=0.0625)" in result.output.replace("\n", " ")
+    assert "ws=False)" in result.output  # the label folds inside its narrow column
+    comp = compare_sources(["nf_resnet50", "nf_resnet50?ws=false"], RunConfig(
+        model="", model_kwargs={"width": 0.0625}, resolution=32, batch_size=2), out=str(tmp_path / "d.png")).comparison
+    assert comp.labels == ["nf_resnet50 (width=0.0625)", "nf_resnet50 (width=0.0625, ws=False)"]
 
 
 def test_cli_compare_files_figure_and_table(tmp_path, ws, no_ws, deep):
@@ -180,7 +208,7 @@ def test_cli_compare_warns_on_different_settings(tmp_path, ws):
     result = run("compare", str(tmp_path / "a.pt"), "nf_resnet50", *TINY, "--mode", "eval")
     assert result.exit_code == 0, result.output
     first = result.output.splitlines()[0]
-    assert first == "warning: settings differ (compared anyway): mode: a=train, nf_resnet50=eval"
+    assert first == "warning: settings differ (compared anyway): mode: a=train, nf_resnet50 (width=0.0625)=eval"
 
 
 def test_cli_compare_errors_are_one_line(tmp_path, ws):

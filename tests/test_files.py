@@ -527,3 +527,25 @@ def test_record_files_are_checked_before_they_are_read(tmp_path):
     (tmp_path / "e.json").write_text("")
     with pytest.raises(SppError, match=r"e\.json is empty \(0 bytes\)"):
         load_record(tmp_path / "e.json")
+
+
+# ---- outputs written as a unit ------------------------------------------------------------------------------------
+def test_commit_outputs_writes_all_or_nothing_with_the_usual_mode(tmp_path):
+    """Two outputs written together: both appear, readable as a plain open() would make them (0666 less the
+    umask, not mkstemp's 0600); when the second writer fails, neither target changes and no temporary is left."""
+    from spp.files import commit_outputs
+
+    a, b = tmp_path / "fig.png", tmp_path / "table.csv"
+    commit_outputs([(a, lambda t: pathlib.Path(t).write_text("A")), (b, lambda t: pathlib.Path(t).write_text("B"))])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert a.read_text() == "A" and b.read_text() == "B"
+    assert (a.stat().st_mode & 0o777) == (b.stat().st_mode & 0o777) == 0o666 & ~umask
+
+    def fail(tmp: str) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        commit_outputs([(a, lambda t: pathlib.Path(t).write_text("new")), (b, fail)])
+    assert a.read_text() == "A" and b.read_text() == "B"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "table.csv"]

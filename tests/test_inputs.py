@@ -93,11 +93,15 @@ def test_make_input_gaussian_shape_from_the_model():
 
 
 def test_images_match_the_reference_preprocessing_and_skip_corrupt_files(image_dir):
+    """Six image files, one corrupt: micro-batches of 2 are formed from the five readable ones, [2, 2, 1] (not
+    [2, 2, 2] with a micro-batch of 1 where the corrupt file was), and the record says 1 was skipped."""
     folder, files = image_dir
-    source = make_input(str(folder), batch_size=2, resolution=32, data_config=IMAGENET)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\), e.g. .*img9_broken.jpg: .*; using 5"):
+        source = make_input(str(folder), batch_size=2, resolution=32, data_config=IMAGENET)
     assert isinstance(source, ImageInput) and source.files == files  # recursive, sorted, .txt ignored
-    assert source.num_samples == 6 and source.num_batches == 3
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image\(s\) in micro-batch 2 .*img9_broken.jpg"):
+    assert source.num_samples == 5 and source.num_batches == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing more to say while recording
         batches = list(source.batches())
     assert [b.shape[0] for b in batches] == [2, 2, 1]
     ref = reference_transform(32, IMAGENET["mean"], IMAGENET["std"])
@@ -106,7 +110,27 @@ def test_images_match_the_reference_preprocessing_and_skip_corrupt_files(image_d
         with Image.open(path) as im:
             expected = ref(im.convert("RGB"))
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    assert source.describe()["skipped_images"] == 1 and source.describe()["images_found"] == 6
+    described = source.describe()
+    assert described["skipped_images"] == 1 and described["images_found"] == 6 and described["num_samples"] == 5
+
+
+def test_micro_batches_hold_readable_images_only(tmp_path):
+    """13 images, one corrupt in the middle, micro-batches of 4: 12 readable images make 3 full micro-batches
+    (the corrupt one used to leave a micro-batch of 3 and a last one of 1); --num-samples 4 takes the first four
+    readable ones, reading past the corrupt file."""
+    rng = np.random.default_rng(1)
+    for i in range(13):
+        path = tmp_path / f"{i:02d}.png"
+        if i == 2:
+            path.write_bytes(b"broken")
+        else:
+            Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(path)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        source = make_input(str(tmp_path), batch_size=4, resolution=8)
+    assert [b.shape[0] for b in source.batches()] == [4, 4, 4]
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        first = make_input(str(tmp_path), batch_size=4, resolution=8, num_samples=4)
+    assert first.used == [str(tmp_path / f"{i:02d}.png") for i in (0, 1, 3, 4)]
 
 
 def test_images_use_the_model_data_config(image_dir):
@@ -141,12 +165,12 @@ def test_single_image_file_and_grey_model(image_dir):
 def test_image_shards_are_disjoint_and_complete(image_dir):
     folder, _ = image_dir
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the corrupt file, index 4: in rank 0's shard
+        warnings.simplefilter("ignore", UserWarning)  # the corrupt file: left out before sharding
         source = make_input(str(folder), batch_size=1, resolution=8)
         full = all_samples(source)
         parts = [all_samples(source, shard(source, rank)) for rank in range(2)]
-    assert shard(source, 0) == [0, 2, 4] and shard(source, 1) == [1, 3, 5]
-    assert [p.shape[0] for p in parts] == [2, 3] and full.shape[0] == 5
+    assert shard(source, 0) == [0, 2, 4] and shard(source, 1) == [1, 3]
+    assert [p.shape[0] for p in parts] == [3, 2] and full.shape[0] == 5
     pooled = torch.cat(parts)
     matches = [[i for i in range(len(pooled)) if torch.equal(pooled[i], row)] for row in full]
     assert sorted(m for found in matches for m in found) == list(range(5))  # each sample exactly once
@@ -164,9 +188,8 @@ def test_image_errors(tmp_path, image_dir):
     broken = tmp_path / "only_broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"nope")
-    source = make_input(str(broken), resolution=8)
-    with pytest.warns(UserWarning), pytest.raises(SppError, match=r"no usable image \(1 unreadable, e.g. .*a.png"):
-        list(source.batches())
+    with pytest.raises(SppError, match=r"no usable image \(1 unreadable, e.g. .*a.png"):
+        make_input(str(broken), resolution=8)
     folder, _ = image_dir
     with pytest.raises(SppError, match="images have 1 or 3 channels, the model expects 4"):
         make_input(str(folder), in_chans=4)

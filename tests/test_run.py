@@ -54,3 +54,59 @@ def test_cuda_record_equals_cpu_record():
     half = record_run(RunConfig(**{**cfg.__dict__, "device": "cuda", "dtype": "bfloat16"}))
     assert all(r["nonfinite"] == 0 for r in half.rows)
 
+
+
+# ---- micro-batches: what a recording normalises over, said truthfully ------------------------------------------
+BN_TINY = {"model": "bn_relu_resnet50", "model_kwargs": {"width": 0.0625}, "resolution": 32}
+
+
+def test_a_remainder_bn_cannot_normalise_is_dropped_and_said():
+    """--batch-size 8 --num-samples 9 failed with "batch size 1 ... use --batch-size 2" although the user gave 8.
+    Now the last sample is dropped with one warning, and the record is exactly the 8-sample one (Gaussian
+    micro-batch j is drawn from (seed, j), so micro-batch 0 is the same samples)."""
+    with pytest.warns(UserWarning, match=r"^used 8 of 9 samples: BatchNorm in train mode .* the last 1 would"):
+        rec = record_run(RunConfig(**BN_TINY, batch_size=8, num_samples=9))
+    exact = record_run(RunConfig(**BN_TINY, batch_size=8, num_samples=8))
+    assert rec.column("avg_var") == exact.column("avg_var")
+    s = rec.settings
+    assert (s["samples"], s["num_samples"], s["micro_batch_sizes"], s["samples_dropped"]) == (8, 8, [8], 1)
+
+
+def test_a_short_last_micro_batch_is_not_normalised_silently():
+    """--num-samples 10 --batch-size 4 used to normalise a last micro-batch of 2 without a word."""
+    with pytest.warns(UserWarning, match="used 8 of 10 samples"):
+        rec = record_run(RunConfig(**BN_TINY, batch_size=4, num_samples=10))
+    assert rec.settings["micro_batch_sizes"] == [4] and rec.settings["batches"] == 2
+
+
+def test_without_batch_statistics_every_sample_counts():
+    """No BatchNorm (NF-ResNet), or BN in eval mode: micro-batches merge exactly whatever their sizes."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf = record_run(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, resolution=32, batch_size=4,
+                                  num_samples=10))
+        ev = record_run(RunConfig(**BN_TINY, batch_size=4, num_samples=9, mode="eval"))
+    assert (nf.settings["samples"], nf.settings["micro_batch_sizes"], nf.settings["samples_dropped"]) == (10, [4, 2], 0)
+    assert ev.settings["samples"] == 9 and ev.settings["micro_batch_sizes"] == [4, 1]
+
+
+def test_fewer_samples_than_the_batch_size_are_one_normalisation_batch():
+    with pytest.warns(UserWarning, match="5 samples, fewer than --batch-size 8: .* one micro-batch of 5"):
+        rec = record_run(RunConfig(**BN_TINY, batch_size=8, num_samples=5))
+    assert rec.settings["micro_batch_sizes"] == [5] and rec.settings["samples"] == 5
+    from spp.errors import SppError
+
+    with pytest.raises(SppError, match="1 sample with BatchNorm in train mode"):
+        record_run(RunConfig(**BN_TINY, batch_size=8, num_samples=1))
+
+
+def test_a_failing_forward_names_the_input_shape_it_got(tmp_path):
+    """A (N, L) tensor fed to an image model: the error shows (batch, 10), not an image shape it never got."""
+    from spp.errors import SppError
+
+    path = tmp_path / "flat.pt"
+    torch.save(torch.randn(4, 10), str(path))
+    with pytest.raises(SppError, match=r"failed on input of shape \(batch, 10\)"):
+        record_run(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, input=str(path), batch_size=2))
