@@ -34,7 +34,8 @@ def reference_names(spec: str | None, num_blocks: int) -> list[str]:
 
 def reference_config(cfg: RunConfig, name: str) -> RunConfig:
     """The user's input settings, a reference model; width and in_chans follow a built-in user model's, and BN
-    references are always taken in train mode (in eval mode an initialised BN is an identity)."""
+    references are always taken in train mode (in eval mode an initialised BN is an identity). With ``--grad`` the
+    references get their gradient statistics too, for the same loss."""
     base, options = split_options(cfg.model)
     given = {**cfg.model_kwargs, **options}
     kwargs = {k: v for k, v in given.items() if k in ("width", "in_chans")} if is_model(base) else {}
@@ -42,7 +43,8 @@ def reference_config(cfg: RunConfig, name: str) -> RunConfig:
     return RunConfig(
         model=name, model_kwargs=kwargs, input=cfg.input, input_std=cfg.input_std, num_samples=cfg.num_samples,
         batch_size=cfg.batch_size, resolution=cfg.resolution, in_chans=cfg.in_chans, seed=cfg.seed, mode="train",
-        device=cfg.device, dtype=cfg.dtype, label=f"{entry.family.description} {entry.depth}",
+        device=cfg.device, dtype=cfg.dtype, label=f"{entry.family.description} {entry.depth}", grad=cfg.grad,
+        loss=cfg.loss,
     )
 
 
@@ -78,6 +80,8 @@ def run_of(rec: Record) -> RunConfig:
         resolution=int(shape[-1]) if len(shape) == 3 else None,
         in_chans=int(shape[0]) if len(shape) == 3 else None,
         seed=int(s.get("seed") or 0),
+        grad=s.get("grad") is True,
+        loss=str(s["loss"]) if s.get("loss") in ("random", "xent") else "random",
     )
 
 
