@@ -57,7 +57,8 @@ COLUMNS: tuple[Column, ...] = (
            "output before any scale (where res_avg_var is read); NaN for the stem and without --grad", default=NAN),
     Column("channels", "int", "channel count at this tap"),
     Column("count", "int", "values per channel behind the statistics (N x H x W, or N x L, summed over micro-batches)"),
-    Column("nonfinite", "int", "channels whose output or branch statistics are NaN or infinite"),
+    Column("nonfinite", "int", "channels whose output or branch statistics (or, with --grad, their gradients') "
+           "are NaN or infinite"),
     Column("axis", "int", "the stream tensor's channel axis, as proven from the layers around it (-1: unproven)",
            default=-1),
     Column("shape", "str", "the stream tensor's shape per sample, e.g. 64x32x32", default=""),

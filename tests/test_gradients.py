@@ -310,6 +310,19 @@ def test_a_tensor_outside_the_graph_has_no_gradient_statistics():
     assert math.isfinite(stem["avg_var"]) and math.isfinite(rec.rows[2]["grad_avg_var"])
 
 
+def test_a_non_finite_gradient_counts_as_nonfinite():
+    """An infinite loss scale makes every gradient infinite (or NaN where inf meets 0): the nonfinite column,
+    which ends a CLI run with exit code 3, counts those channels; the forward statistics stay finite."""
+    torch.manual_seed(0)
+    model = Chain(FunctionalToy(4), FunctionalToy(4), stem=nn.Conv2d(3, 4, 3, padding=1))
+    rec = spp.hooks.record(model, gaussian(2, 3, 8, 8, seed=0), mode="eval", grad=True,
+                           loss=lambda out: out.sum() * math.inf)
+    for row in rec.rows:
+        assert math.isfinite(row["avg_var"]) and not math.isfinite(row["grad_avg_var"])
+        assert row["nonfinite"] == (4 if row["block"] == 0 else 8)  # stream (+ branch) gradients, 4 channels each
+    assert rec.has_nonfinite
+
+
 def test_training_loop_backward_feeds_the_recorder():
     """A SignalRecorder(grad=True) left open in a training loop: the user's own loss.backward() feeds it, and gives
     the same statistics as record() with that loss (the user's backward fills .grad: their choice)."""
