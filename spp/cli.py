@@ -159,6 +159,14 @@ def _input_options(
     stochastic: Annotated[bool, typer.Option(
         "--stochastic", help="Keep dropout, drop-path and stochastic depth live (default: off, so the SPP is "
         "deterministic).", rich_help_panel=INPUT)] = False,
+    grad: Annotated[bool, typer.Option(
+        "--grad", help="Also back-propagate a loss and record the gradient's statistics at every tap (columns "
+        "grad_avg_sq_mean, grad_avg_var, grad_res_avg_var; a second row of panels in the figure).",
+        rich_help_panel=INPUT)] = False,
+    loss: Annotated[str, typer.Option(
+        help="The loss of --grad: random (sum(output * g), g ~ N(0, 1) drawn from --seed) or xent (cross-entropy "
+        "of a classifier's (batch, classes) output against random labels). Both sum over the batch.",
+        rich_help_panel=INPUT)] = "random",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.", rich_help_panel=COMPUTE)] = "cpu",
     dtype: Annotated[str, typer.Option(help="Forward dtype: float32, bfloat16 or float16 (statistics are always "
                                        "accumulated in float32 or better).", rich_help_panel=COMPUTE)] = "float32",
@@ -625,8 +633,6 @@ def check(
         "--json", help="Also write the verdicts as JSON (schema spp.check/1: findings with kind, level, blocks, "
         "value, threshold, message; healthy) to FILE.json, or - for stdout (the table then goes to stderr).",
         show_default=False)] = None,
-    # --grad (issue 14, backward SPPs) goes here, added with the recorder's gradient pass: it only sets
-    # cfg's gradient flag; commands.check_source and spp.verdicts need nothing more for the gradient verdicts.
     **thresholds: Any,
 ) -> None:
     """Verdicts on a model's SPP for CI: mean shift, variance growth or collapse, zero or dominant branches,

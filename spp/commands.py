@@ -432,8 +432,8 @@ def check_source(
 ) -> CheckResult:
     """Verdicts (``spp.verdicts.check``) on ``cfg.model`` recorded now, or on a saved ``record`` (a file or a
     Record). ``json_out``: also write the JSON form (``findings_to_json``) to that file (``-``: leave it to the
-    caller, which prints it). The gradient verdicts need gradient columns: ``--grad`` (recorded by the lead's
-    gradient pass) goes into ``cfg`` and needs nothing here.
+    caller, which prints it). The gradient verdicts need gradient columns: ``cfg.grad`` (``--grad``) records them,
+    as does a saved record made with ``--grad``.
     """
     import json
 

@@ -218,7 +218,8 @@ def _collective_device(moments: Iterable[ChannelMoments]) -> torch.device:
 
 
 def merge_moments(recorder: MomentSource, group: Any = None) -> None:
-    """All-gather every tap's (count, mean, M2) and merge them in rank order into ``recorder`` on every rank.
+    """All-gather every tap's (count, mean, M2) and merge them in rank order into ``recorder`` on every rank: the
+    stream's and the branch's, and their gradients' where the recorder has ``gradient_moments`` (``grad=True``).
 
     A collective: every rank of ``group`` (default: the whole world) must call it, with a recorder over the same
     model (same taps). A rank that saw no micro-batch contributes nothing. Afterwards ``recorder.snapshot()`` is
@@ -227,13 +228,19 @@ def merge_moments(recorder: MomentSource, group: Any = None) -> None:
     """
     pairs = recorder.moments()
     moments = [*(o for o, _ in pairs), *(r for _, r in pairs)]
-    recorder.samples, recorder.batches = merge_across_ranks(moments, recorder.samples, recorder.batches, group)
+    gradients = getattr(recorder, "gradient_moments", None)  # a SignalRecorder's gradients (empty without grad)
+    if gradients is not None:
+        grad_pairs = gradients()
+        moments += [*(o for o, _ in grad_pairs), *(r for _, r in grad_pairs)]
+    recorder.samples, recorder.batches = merge_across_ranks(moments, recorder.samples, recorder.batches, group,
+                                                            taps=len(pairs))
 
 
 def merge_across_ranks(moments: list[ChannelMoments], samples: int, batches: int,
-                       group: Any = None) -> tuple[int, int]:
+                       group: Any = None, taps: int | None = None) -> tuple[int, int]:
     """Merge each of ``moments`` with the same-position moments of every other rank, in rank order, in place;
-    returns (samples, batches) summed over the ranks. A collective (see ``merge_moments``)."""
+    returns (samples, batches) summed over the ranks. A collective (see ``merge_moments``). ``taps``: the
+    moments are lists of this many taps one after the other (for the tap number in an error)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
@@ -255,7 +262,7 @@ def merge_across_ranks(moments: list[ChannelMoments], samples: int, batches: int
     for row in metas_host:
         for i in range(k):
             if row[3 + k + i] not in (0, channels[i]):
-                raise SppError(f"ranks disagree on the channels of tap {i % (k // 2 or 1)}: "
+                raise SppError(f"ranks disagree on the channels of tap {i % (taps or k)}: "
                                f"{[x[3 + k + i] for x in metas_host]}")
     # 2. the moments, flat, in float64: means then M2s of every tap (zeros where a rank has none)
     acc = accumulation_dtype(device)

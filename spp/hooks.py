@@ -7,6 +7,8 @@
     recorder.snapshot().to_frame()
 
 Hooks keep no activation: each tap folds its tensor into per-channel moments (``spp.moments``) and lets it go.
+With ``grad=True`` they also hook each site tensor's gradient (a tensor hook), folded in the same way during the
+backward pass: ``spp.hooks.record(model, x, grad=True)`` back-propagates a loss (``spp.gradients``) per micro-batch.
 """
 
 from __future__ import annotations
@@ -66,6 +68,19 @@ def _argument(module: nn.Module, arg: int | str) -> Callable[[tuple, dict], Any]
 
 OUTPUT, BRANCH, SHORTCUT = 0, 1, 2
 _ROLE_NAMES = {OUTPUT: "stream", BRANCH: "branch", SHORTCUT: "shortcut"}
+# Which running moments a pending item goes to: the forward's stream and branch, then their gradients.
+GRAD_OUTPUT, GRAD_BRANCH = 2, 3
+_GRADIENT_OF = {OUTPUT: GRAD_OUTPUT, BRANCH: GRAD_BRANCH}
+
+
+class _Capture:
+    """A site tensor whose gradient record() waits for: where it sits in the graph, and whether its hook fired."""
+
+    __slots__ = ("device", "edge", "fired", "role", "shape", "tap")
+
+    def __init__(self, tap: int, role: int, edge: Any, shape: tuple[int, ...], device: torch.device) -> None:
+        self.tap, self.role, self.edge, self.shape, self.device = tap, role, edge, shape, device
+        self.fired = False
 
 
 class _FirstForward:
@@ -117,6 +132,11 @@ class SignalRecorder:
     an exact two-pass mean / M2 (``channel_stats``) on its device, no host sync, no autograd graph, no copy kept.
     The C-sized Chan merges of all taps run batched once per forward (a hook on the model itself), or at
     ``snapshot()``/``moments()`` when the blocks are called some other way.
+
+    ``grad=True``: where a forward runs with autograd on, each stream and branch tensor also gets a tensor hook that
+    folds its gradient into moments of its own, on the axis proven for the tensor, when a backward pass reaches it
+    (``loss.backward()`` in a training loop, or ``record(grad=True)``). A Difference branch's gradient is the
+    stream's gradient times the branch's scale (d out / d branch for out = shortcut + scale * branch).
     """
 
     def __init__(
@@ -132,9 +152,12 @@ class SignalRecorder:
         stochastic: bool = False,
         verify: bool | None = None,
         settings: dict[str, Any] | None = None,
+        grad: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SppError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if not isinstance(grad, bool):
+            raise SppError(f"grad must be True or False, not {grad!r}")
         check_recorder_arguments(mode=mode, stochastic=stochastic, blocks=blocks, residual_tap=residual_tap,
                                  channel_dim=channel_dim, taps=taps, settings=settings)
         self.model = model
@@ -158,6 +181,9 @@ class SignalRecorder:
         self._first: _FirstForward | None = None
         self._check_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._scales: dict[int, torch.Tensor] = {}
+        self._grad = grad
+        self._captures: list[_Capture] | None = None  # record()'s backward pass: the sites it waits for
+        self._no_gradient: dict[int, str] = {}  # tap -> why its gradient statistics are missing
         for i, tap in enumerate(self.taps):
             if tap.refusal:
                 self._refuse(i, tap.refusal)
@@ -177,7 +203,9 @@ class SignalRecorder:
         """Forget everything recorded so far (the hooks, the proven axes and the verdicts stay)."""
         self._pending.clear()
         self._workspace.rewind()
-        self._moments = ([ChannelMoments() for _ in self.taps], [ChannelMoments() for _ in self.taps])
+        # stream, branch, and (grad=True) the stream's and the branch's gradients, per tap
+        self._moments = tuple([ChannelMoments() for _ in self.taps] for _ in range(4))
+        self._no_gradient.clear()
         self.samples = 0
         self.batches = 0
 
@@ -192,6 +220,18 @@ class SignalRecorder:
         """Per tap, the moments of the residual branch (never updated for the stem)."""
         self._flush()
         return self._moments[1]
+
+    @property
+    def grad_outputs(self) -> list[ChannelMoments]:
+        """Per tap, the moments of the gradient with respect to the block output (``grad=True``)."""
+        self._flush()
+        return self._moments[GRAD_OUTPUT]
+
+    @property
+    def grad_residuals(self) -> list[ChannelMoments]:
+        """Per tap, the moments of the gradient with respect to the residual branch before its scale."""
+        self._flush()
+        return self._moments[GRAD_BRANCH]
 
     def __enter__(self) -> SignalRecorder:
         try:
@@ -260,6 +300,8 @@ class SignalRecorder:
         def consume(raw: torch.Tensor) -> None:
             if i in refused:
                 return
+            if self._grad and role != SHORTCUT and torch.is_grad_enabled():
+                self._watch_gradient(i, role, raw)
             axis = axes.get((i, role))
             first = self._first
             x = raw.detach()
@@ -284,6 +326,100 @@ class SignalRecorder:
                     self._check(i, first)
 
         return consume
+
+    # ---- gradients (grad=True) ----------------------------------------------------------------------------------
+    def _watch_gradient(self, i: int, role: int, raw: torch.Tensor) -> None:
+        """Hook the gradient of a site tensor (before any later in-place op changes it: autograd then still hands
+        the hook the gradient with respect to the value read here)."""
+        if not raw.requires_grad:
+            self._no_gradient.setdefault(i, f"its {_ROLE_NAMES[role]} tensor is not in the autograd graph (nothing "
+                                            "it was computed from requires grad)")
+            return
+        capture = None
+        if self._captures is not None:
+            from torch.autograd.graph import get_gradient_edge
+
+            capture = _Capture(i, role, get_gradient_edge(raw), tuple(raw.shape), raw.device)
+            self._captures.append(capture)
+        raw.register_hook(self._gradient_hook(i, role, capture))
+
+    def _gradient_hook(self, i: int, role: int, capture: _Capture | None) -> Callable[[torch.Tensor], None]:
+        pending, ws, axes, refused = self._pending, self._workspace, self._axes, self._refused
+        difference = isinstance(self.taps[i].residual, Difference) and role == OUTPUT
+
+        def hook(grad: torch.Tensor) -> None:
+            if capture is not None:
+                capture.fired = True
+            if self._first is not None:  # a backward before the forward's end hook (blocks called another way)
+                self._finish_first()
+            axis = axes.get((i, role))
+            if i in refused or axis is None:
+                return
+            g = grad.detach()
+            pending.append((_GRADIENT_OF[role], i, *batch_moments(g, axis, ws)))
+            branch_axis = axes.get((i, BRANCH))
+            if difference and branch_axis is not None:
+                pending.append((GRAD_BRANCH, i, *batch_moments(self._rescaled(i, g), branch_axis, ws)))
+
+        return hook
+
+    def _rescaled(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient with respect to a Difference branch before its scale: the stream's times the scale."""
+        scale = self._scales.get(i)
+        return grad if scale is None else grad * scale.to(grad.device, grad.dtype)
+
+    def _zero_gradient(self, capture: _Capture) -> None:
+        """A site the loss does not depend on: its gradient is exactly zero (counted, so means and variances
+        over several micro-batches stay right)."""
+        i, role = capture.tap, capture.role
+        axis = self._axes.get((i, role))
+        if i in self._refused or axis is None or not capture.shape:
+            return
+        channels = capture.shape[axis]
+        n = math.prod(capture.shape) // channels if channels else 0
+        zeros = torch.zeros(channels, dtype=torch.float64 if capture.device.type != "mps" else torch.float32,
+                            device=capture.device)
+        self._pending.append((_GRADIENT_OF[role], i, n, zeros, zeros))
+        branch_axis = self._axes.get((i, BRANCH))
+        if role == OUTPUT and isinstance(self.taps[i].residual, Difference) and branch_axis is not None:
+            self._pending.append((GRAD_BRANCH, i, n, zeros, zeros))
+
+    def forward_backward(self, batch: Batch, loss: Callable[[Any, int], torch.Tensor], index: int = 0) -> Any:
+        """One micro-batch with gradients: the forward with a graph, ``loss(output, index)``, and a backward pass
+        that reaches every hooked site (``spp.gradients``), computes no parameter's gradient and keeps no gradient
+        tensor. Call it with autograd on; ``record(grad=True)`` does. Returns the output's part the loss read
+        (``where`` of a built-in loss) or ""."""
+        from spp import gradients
+
+        if not self._grad:
+            raise SppError("forward_backward needs a recorder made with grad=True")
+        captures: list[_Capture] = []
+        self._captures = captures
+        try:
+            output = call_model(self.model, gradients.with_graph(batch))
+            value = gradients.check_scalar(loss(output, index), "its output")
+            del output
+            roots, unreachable = gradients.graph_walk(value, [c.edge for c in captures])
+            try:
+                gradients.backward_to(value, gradients.distinct_edges([captures[k].edge for k in roots]))
+            except RuntimeError as exc:  # autograd's own complaint about the model (in-place ops on saved tensors)
+                from spp.errors import one_line
+
+                raise SppError(f"the backward pass of --grad failed: {one_line(exc, 200, with_type=False)}; the "
+                               "model cannot be differentiated as it runs here: record without --grad") from None
+            del value
+            lost = set(unreachable)
+            for k, capture in enumerate(captures):
+                if k in lost:
+                    self._zero_gradient(capture)
+                elif not capture.fired:
+                    self._no_gradient.setdefault(capture.tap, f"the gradient of its {_ROLE_NAMES[capture.role]} "
+                                                              "never arrived in the backward pass")
+        finally:
+            self._captures = None
+            captures.clear()
+            self._flush()
+        return getattr(loss, "where", "")
 
     def _unscaled(self, i: int, difference: torch.Tensor) -> torch.Tensor:
         """output - shortcut, divided by the branch's scale where the rule named it (a per-channel factor)."""
@@ -525,6 +661,11 @@ class SignalRecorder:
         self._finish_first()
         return list(zip(self.outputs, self.residuals, strict=True))
 
+    def gradient_moments(self) -> list[tuple[ChannelMoments, ChannelMoments]]:
+        """The gradients' raw per-channel moments, (output, residual) per tap (empty without ``grad=True``)."""
+        self._finish_first()
+        return list(zip(self.grad_outputs, self.grad_residuals, strict=True))
+
     def verdicts(self) -> list[tuple[str, str]]:
         """Per tap, (check, detail): "verified", "unchecked", "refused" (with why), or "-" for the stem."""
         self._finish_first()
@@ -534,18 +675,25 @@ class SignalRecorder:
     def snapshot(self) -> Record:
         """The Record of everything seen since the last ``reset``; the moments move to the host once, here."""
         verdicts = self.verdicts()
+        self._flush()
         for i in self._refused:  # moments a refused tap gathered before its refusal are not shown
-            self._moments[0][i], self._moments[1][i] = ChannelMoments(), ChannelMoments()
-        summaries = summarize([*self.outputs, *self.residuals])
+            for moments in self._moments:
+                moments[i] = ChannelMoments()
+        for i in self._no_gradient:  # a gradient missing in some micro-batch: no gradient statistics at all
+            self._moments[GRAD_OUTPUT][i], self._moments[GRAD_BRANCH][i] = ChannelMoments(), ChannelMoments()
         n = len(self.taps)
+        summaries = summarize([m for moments in self._moments for m in moments])
+        o_all, r_all, go_all, gr_all = (summaries[k * n : (k + 1) * n] for k in range(4))
         rows = []
-        for i, (tap, o, r) in enumerate(zip(self.taps, summaries[:n], summaries[n:], strict=True)):
+        for i, (tap, o, r, go, gr) in enumerate(zip(self.taps, o_all, r_all, go_all, gr_all, strict=True)):
             check, detail = verdicts[i]
             note = tap.note
             if tap.residual is not None and r.count and r.avg_var == 0.0 and r.avg_sq_mean == 0.0:
                 note = note or "residual branch is exactly zero (zero-init gain?): a flat SPP is the truth here"
             if check == "refused":
                 note = f"refused: {detail}" + (f"; {note}" if note else "")
+            elif i in self._no_gradient:
+                note = f"no gradient statistics: {self._no_gradient[i]}" + (f"; {note}" if note else "")
             shape = self._shapes.get((i, OUTPUT))
             row = {
                 "block": i,
@@ -557,9 +705,13 @@ class SignalRecorder:
                 "avg_var": o.avg_var,
                 "res_avg_var": r.avg_var if tap.residual is not None else math.nan,
                 "expected_var": float(tap.expected_var) if tap.expected_var is not None else math.nan,
+                "grad_avg_sq_mean": go.avg_sq_mean,
+                "grad_avg_var": go.avg_var,
+                "grad_res_avg_var": gr.avg_var if tap.residual is not None else math.nan,
                 "channels": o.channels,
                 "count": o.count,
-                "nonfinite": o.nonfinite_channels + r.nonfinite_channels,
+                "nonfinite": o.nonfinite_channels + r.nonfinite_channels + go.nonfinite_channels
+                + gr.nonfinite_channels,
                 "axis": self._axes.get((i, OUTPUT), -1),
                 "shape": "x".join(map(str, shape[1:])) if shape else "",
                 "check": check,
@@ -700,6 +852,10 @@ def record(
     settings: dict[str, Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
     distributed: bool = False,
+    grad: bool = False,
+    loss: str | Callable[[Any], torch.Tensor] = "random",
+    loss_seed: int = 0,
+    batch_indices: Sequence[int] | None = None,
 ) -> Record:
     """Run ``model`` on ``inputs`` (one micro-batch, or an iterable of them) and return its SPP Record.
 
@@ -718,16 +874,44 @@ def record(
     ``distributed=True``: every rank of the initialised default process group calls ``record`` with its own
     micro-batches (possibly none); the moments are merged across ranks (``spp.distributed.merge_moments``) and
     every rank returns the Record over all ranks' samples.
+
+    ``grad=True``: after each micro-batch's forward, back-propagate ``loss`` and record the gradient's statistics
+    at every tap as well (columns ``grad_avg_sq_mean``, ``grad_avg_var``, ``grad_res_avg_var``): ``"random"``
+    (default: sum(output * g), g ~ N(0, 1) drawn from (``loss_seed``, micro-batch number)), ``"xent"`` (a
+    classifier's cross-entropy against random labels), or a function of the model's output returning a scalar
+    (``spp.gradients`` says more). The forward statistics are the same as without ``grad``. No parameter's
+    ``.grad`` is computed or touched, ``requires_grad`` flags are as before afterwards (frozen parameters are
+    made to require grad for the run, so every site is in the graph), and no gradient tensor is kept.
+    ``batch_indices``: each micro-batch's number in the whole run (default 0, 1, ...), for the loss's draw (a run
+    sharded over ranks then draws what one process would).
     """
+    from spp.gradients import check_loss, make_loss, trainable
+    from spp.validate import check_seed
+
     check_record_call(on_batch=on_batch, distributed=distributed, settings=settings)
+    if not isinstance(grad, bool):
+        raise SppError(f"grad must be True or False, not {grad!r}")
+    if grad:
+        check_loss(loss)
+        check_seed(loss_seed)
     batches = _micro_batches(inputs)
+    loss_of, loss_settings = make_loss(loss, loss_seed) if grad else (None, {})
     recorder = SignalRecorder(
         model, rules=rules, blocks=blocks, residual_tap=residual_tap, channel_dim=channel_dim, taps=taps, mode=mode,
-        stochastic=stochastic, verify=verify and not stochastic,
-        settings={"mode": mode, "stochastic": bool(stochastic), **(settings or {})},
+        stochastic=stochastic, verify=verify and not stochastic, grad=grad,
+        settings={"mode": mode, "stochastic": bool(stochastic), **({"grad": True} if grad else {}), **loss_settings,
+                  **(settings or {})},
     )
     batch_stats = mode == "train" and any(uses_batch_statistics(m) for m in model.modules())
-    with recorder, torch.no_grad():
+    numbers = list(batch_indices) if batch_indices is not None else None
+    where = ""
+    with recorder, contextlib.ExitStack() as stack:
+        if grad:  # a graph for the forward, also inside a caller's no_grad / inference_mode
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(trainable(model))
+        else:
+            stack.enter_context(torch.no_grad())
         for j, batch in enumerate(batches):
             size = batch_size_of(batch)
             if batch_stats and size == 1:
@@ -735,9 +919,15 @@ def record(
                     f"micro-batch {j} has batch size 1 and the model has BatchNorm in train mode, which would "
                     "normalise the sample on its own; give micro-batches of 2 or more samples, or use mode='eval'"
                 )
-            call_model(model, batch)
+            if loss_of is not None:
+                index = numbers[j] if numbers is not None and j < len(numbers) else j
+                where = recorder.forward_backward(batch, loss_of, index) or where
+            else:
+                call_model(model, batch)
             if on_batch is not None:
                 on_batch(size)
+    if where:
+        recorder.settings["grad_output"] = where
     if distributed:
         from spp.distributed import merge_moments
 

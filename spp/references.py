@@ -233,6 +233,8 @@ def run_of(rec: Record) -> RunConfig:
         in_chans=int(shape[0]) if len(shape) == 3 else None,
         seed=int(s.get("seed") or 0),
         mode=str(s.get("mode")) if s.get("mode") in ("train", "eval") else "train",
+        grad=s.get("grad") is True,
+        loss=str(s["loss"]) if s.get("loss") in ("random", "xent") else "random",
     )
 
 

@@ -13,6 +13,8 @@ What a figure promises (each is tested):
   (down to 12 decades below the top; float32 round-off lies below that) and the references within 8 decades;
   a value below the floor is drawn at the floor with a ▼ marker and an exact zero with a × marker, and the panel
   says which curve and how many points. NaN / Inf points are left out and counted in the same note.
+* with gradient statistics (``--grad``, ``spp.gradients``) a second row of three panels shows them, its x axis
+  running from the last block back to the stem (the order of the backward pass) and its titles naming the loss.
 
 Only this module imports matplotlib (with the Agg backend unless one is already chosen), so recording and the
 CLI stay light until a figure is drawn.
@@ -26,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from spp.records import Record
-from spp.schema import STATISTICS, TITLES
+from spp.schema import GRAD_STATISTICS, STATISTICS, TITLES
 
 PANELS = tuple((key, TITLES[key]) for key in STATISTICS)
+GRAD_PANELS = tuple((key, TITLES[key]) for key in GRAD_STATISTICS)
 XAxis = Literal["block", "relative"]
 X_AXES = ("block", "relative")
 REFERENCE_DECADES = 8  # a log panel shows at least this many decades below its top
@@ -81,7 +84,7 @@ class Series:
     stage_positions: list[float] = field(default_factory=list)
 
     def values(self, key: str) -> list[float]:
-        return [float(r[key]) for r in self.rows]
+        return [float(r.get(key, math.nan)) for r in self.rows]
 
 
 def branches(rec: Record) -> list[str]:
@@ -190,12 +193,15 @@ def draw(
     title: str | None = None,
     axes=None,
     notes: list[str] | None = None,
+    grad: bool | None = None,
 ):
     """Draw ``records`` (bold, in front) over ``references`` (thin, behind); returns the matplotlib Figure.
 
     ``x``: "block", "relative", or None for ``default_x`` over every curve drawn. ``labels``: one per record
     (default: the records' labels, made distinct). ``notes``: a list that receives what the panels say about
-    clipped, zero and non-finite points (also written in the panels). See the module docstring.
+    clipped, zero and non-finite points (also written in the panels). ``grad``: a second row of three gradient
+    panels; None draws it when some record has a finite gradient statistic. ``axes``: three matplotlib Axes, or
+    six with the gradient row. See the module docstring.
     """
     from spp.errors import SppError
     from spp.labels import distinct_labels
@@ -207,16 +213,22 @@ def draw(
     references = list(references)
     if not records:
         raise SppError("nothing to draw: no record")
+    with_grad = has_gradients(records) if grad is None else bool(grad)
     if axes is None:
-        fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), layout="constrained")
+        rows = 2 if with_grad else 1
+        fig, grid = plt.subplots(rows, 3, figsize=(17, 5.2 * rows), layout="constrained")
+        axes = list(grid.flat)
     else:
         try:  # a numpy array of Axes (plt.subplots) or any sequence of them
             axes = list(getattr(axes, "flat", axes))
         except TypeError:
             axes = [axes]
-        if len(axes) != len(PANELS):
-            raise SppError(f"axes: need {len(PANELS)} matplotlib Axes (squared mean, variance, residual "
-                           f"variance), got {len(axes)}")
+        if len(axes) == len(PANELS) and grad is None:
+            with_grad = False  # three Axes given: the forward panels only
+        need = len(PANELS) + (len(GRAD_PANELS) if with_grad else 0)
+        if len(axes) != need:
+            raise SppError(f"axes: need {need} matplotlib Axes (squared mean, variance, residual variance"
+                           f"{', then the same for the gradient' if with_grad else ''}), got {len(axes)}")
         fig = axes[0].figure
     if labels is None:
         labels, _ = distinct_labels([r.label for r in records], [r.settings for r in records])
@@ -235,35 +247,16 @@ def draw(
     handles: dict[str, Any] = {}
     said: list[str] = []
     theory = stage = False
-    for ax, (key, heading) in zip(axes, PANELS, strict=True):
-        panel_notes: list[str] = []
-        theory_here = key == "avg_var"
-        every = [v for s in series for v in s.values(key)]
-        if theory_here:
-            every += [v for s in series for v in s.values("expected_var")]
-        mine = [v for s in series if s.user for v in s.values(key)]
-        log = spans_decades(every)
-        floor = log_floor(mine, every) if log else None
-        for s in series:
-            line = _plot(ax, s, key, floor, panel_notes, s.user)
-            handles.setdefault(s.label, line)
-            stage = _stage_lines(ax, s) or stage
-            if theory_here and any(math.isfinite(v) for v in s.values("expected_var")):
-                _plot(ax, s, "expected_var", floor, [], s.user, theory=True)
-                theory = True
-        if log:
-            ax.set_yscale("log")
-            ax.set_ylim(bottom=floor)
-        ax.set_title(heading)
-        ax.set_ylabel(key + (" (log scale)" if log else ""))
-        ax.set_xlabel(_xlabel(series, x))
-        ax.grid(alpha=0.25)
-        if panel_notes:
-            text = "\n".join(_wrap(n) for n in panel_notes)
-            (x0, y0), align = _quiet_corner(ax, text.count("\n") + 1)
-            ax.text(x0, y0, text, transform=ax.transAxes, fontsize=7.5, zorder=10, multialignment="left", **align,
-                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7", "boxstyle": "round,pad=0.3"})
-            said += [f"{heading}: {n}" for n in panel_notes]
+    for ax, (key, heading) in zip(axes[: len(PANELS)], PANELS, strict=True):
+        drew_theory, drew_stage = _panel(ax, key, heading, series, x, handles, said)
+        theory, stage = theory or drew_theory, stage or drew_stage
+    if with_grad:
+        with_gradients = [s for s in series if any(math.isfinite(v) for k in GRAD_STATISTICS for v in s.values(k))]
+        losses = sorted({str(s.record.settings.get("loss") or "") for s in with_gradients if s.user} - {""})
+        loss = f" (loss: {', '.join(losses)})" if losses else ""
+        for ax, (key, heading) in zip(axes[len(PANELS):], GRAD_PANELS, strict=True):
+            _, drew_stage = _panel(ax, key, heading + loss, with_gradients, x, handles, said, backward=True)
+            stage = stage or drew_stage
     users = [k for k in handles if any(one.user and one.label == k for one in series)]
     entries = [(k, handles[k]) for k in users] + [(k, h) for k, h in handles.items() if k not in users]
     if theory:
@@ -283,6 +276,55 @@ def draw(
     return fig
 
 
+def has_gradients(records: Sequence[Record]) -> bool:
+    """Whether some row of some record has a finite gradient statistic (a ``--grad`` record)."""
+    return any(math.isfinite(float(r.get(key, math.nan))) for rec in records for r in rec.rows
+               for key in GRAD_STATISTICS)
+
+
+def _panel(ax, key: str, heading: str, series: Sequence[Series], x: XAxis, handles: dict[str, Any],
+           said: list[str], *, backward: bool = False) -> tuple[bool, bool]:
+    """Column ``key`` of every series on one panel: log axis and floor, markers and notes, theory line (variance
+    panel), stage ends. ``backward`` (a gradient panel): the x axis runs from the last block to the stem, the
+    order of the backward pass, so a gradient growing towards the input rises left to right as an exploding
+    forward signal does in the row above. Returns (theory line drawn, stage ends drawn)."""
+    panel_notes: list[str] = []
+    theory_here = key == "avg_var"
+    theory = stage = False
+    every = [v for s in series for v in s.values(key)]
+    if theory_here:
+        every += [v for s in series for v in s.values("expected_var")]
+    mine = [v for s in series if s.user for v in s.values(key)]
+    log = spans_decades(every)
+    floor = log_floor(mine, every) if log else None
+    for s in series:
+        line = _plot(ax, s, key, floor, panel_notes, s.user)
+        handles.setdefault(s.label, line)
+        stage = _stage_lines(ax, s) or stage
+        if theory_here and any(math.isfinite(v) for v in s.values("expected_var")):
+            _plot(ax, s, "expected_var", floor, [], s.user, theory=True)
+            theory = True
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+    ax.set_title(heading, fontsize="medium" if backward else None)
+    ax.set_ylabel(key + (" (log scale)" if log else ""))
+    if backward:
+        if not ax.xaxis_inverted():
+            ax.invert_xaxis()
+        ax.set_xlabel(_xlabel(series, x).split(" (")[0] + ", last → stem (backward order)")
+    else:
+        ax.set_xlabel(_xlabel(series, x))
+    ax.grid(alpha=0.25)
+    if panel_notes:
+        text = "\n".join(_wrap(n) for n in panel_notes)
+        (x0, y0), align = _quiet_corner(ax, text.count("\n") + 1)
+        ax.text(x0, y0, text, transform=ax.transAxes, fontsize=7.5, zorder=10, multialignment="left", **align,
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7", "boxstyle": "round,pad=0.3"})
+        said += [f"{heading}: {n}" for n in panel_notes]
+    return theory, stage
+
+
 def _plot(ax, s: Series, key: str, floor: float | None, panel_notes: list[str], user: bool, *,
           theory: bool = False):
     """Column ``key`` of one series on one panel; on a log panel the points below ``floor`` go to the floor with a
@@ -294,7 +336,7 @@ def _plot(ax, s: Series, key: str, floor: float | None, panel_notes: list[str], 
     style: dict[str, Any] = {"color": s.color, "lw": 1.0 if theory else width, "alpha": 1.0 if user else 0.75,
                              "zorder": 3 if user else 2, "ls": THEORY_STYLE if theory else s.linestyle}
     # the stem has no residual branch: its res_avg_var is NaN by definition, not a NaN/Inf to report
-    undefined = [key == "res_avg_var" and not r.get("residual_site") for r in s.rows]
+    undefined = [key in ("res_avg_var", "grad_res_avg_var") and not r.get("residual_site") for r in s.rows]
     bad = sum(1 for v, skip in zip(ys, undefined, strict=True) if not m.isfinite(v) and not skip)
     drawn = [v if m.isfinite(v) else m.nan for v in ys]
     if floor is not None:

@@ -46,6 +46,8 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     label: str | None = None
+    grad: bool = False  # also back-propagate a loss and record the gradient statistics (spp.gradients)
+    loss: str = "random"  # the loss of --grad: random (a seeded random projection of the output) or xent
 
     def __post_init__(self) -> None:
         check_run_settings(asdict(self))  # every field, before anything is loaded (spp.validate)
@@ -169,6 +171,10 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
                 settings=settings,
                 on_batch=on_batch,
                 distributed=ctx.active,
+                grad=cfg.grad,
+                loss=cfg.loss,
+                loss_seed=cfg.seed,
+                batch_indices=indices,
             )
     except SppError:
         raise

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-FORMAT_VERSION = 2  # 2: layer, branch, stream, axis, shape, check columns (1 lacks them: they read as defaults)
+FORMAT_VERSION = 3  # 2: layer, branch, stream, axis, shape, check columns; 3: grad_* columns (older files lack them:
+# they read as defaults)
 
 Kind = Literal["float", "int", "str"]
 
@@ -48,9 +49,16 @@ COLUMNS: tuple[Column, ...] = (
            "any scale and before the addition; NaN for the stem"),
     Column("expected_var", "float", "what the model's own bookkeeping expects for avg_var (NF models), else NaN",
            default=NAN),
+    Column("grad_avg_sq_mean", "float", "avg_sq_mean of the loss's gradient with respect to the stream tensor (the "
+           "tensor avg_var is read on), same axes; NaN without --grad", default=NAN),
+    Column("grad_avg_var", "float", "avg_var of the loss's gradient with respect to the stream tensor; NaN without "
+           "--grad", default=NAN),
+    Column("grad_res_avg_var", "float", "avg_var of the loss's gradient with respect to the residual branch's "
+           "output before any scale (where res_avg_var is read); NaN for the stem and without --grad", default=NAN),
     Column("channels", "int", "channel count at this tap"),
     Column("count", "int", "values per channel behind the statistics (N x H x W, or N x L, summed over micro-batches)"),
-    Column("nonfinite", "int", "channels whose output or branch statistics are NaN or infinite"),
+    Column("nonfinite", "int", "channels whose output or branch statistics (or, with --grad, their gradients') "
+           "are NaN or infinite"),
     Column("axis", "int", "the stream tensor's channel axis, as proven from the layers around it (-1: unproven)",
            default=-1),
     Column("shape", "str", "the stream tensor's shape per sample, e.g. 64x32x32", default=""),
@@ -70,10 +78,15 @@ NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 # The three curves of an SPP, in panel order.
 STATISTICS: tuple[str, ...] = ("avg_sq_mean", "avg_var", "res_avg_var")
+# The three gradient curves (``--grad``), in the same panel order.
+GRAD_STATISTICS: tuple[str, ...] = ("grad_avg_sq_mean", "grad_avg_var", "grad_res_avg_var")
 TITLES: dict[str, str] = {
     "avg_sq_mean": "Average channel squared mean",
     "avg_var": "Average channel variance",
     "res_avg_var": "Residual average channel variance",
+    "grad_avg_sq_mean": "Gradient: average channel squared mean",
+    "grad_avg_var": "Gradient: average channel variance",
+    "grad_res_avg_var": "Gradient: residual average channel variance",
 }
 
 

@@ -117,6 +117,20 @@ def check_channel_dim(channel_dim: object, what: str = "--channel-dim") -> int |
     return whole_number(channel_dim, what, minimum=-MAX_ACTIVATION_RANK, maximum=MAX_ACTIVATION_RANK - 1)
 
 
+# The built-in losses of a gradient SPP (``spp.gradients``): a random projection of the output, a classifier's
+# cross-entropy against random labels.
+LOSSES: tuple[str, ...] = ("random", "xent")
+
+
+def check_loss(loss: object, what: str = "loss") -> None:
+    """A built-in loss name or (library only) a callable; one line otherwise."""
+    if callable(loss):
+        return
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise SppError(f"{what} must be one of {', '.join(LOSSES)} (or, in the library, a function of the model's "
+                       f"output returning a scalar), not {loss!r}")
+
+
 def check_run_settings(settings: Mapping[str, Any]) -> None:
     """Every field of a ``spp.run.RunConfig``, as a user can get it wrong (the CLI's options or a notebook's
     arguments): one line naming the option, before anything is loaded or recorded."""
@@ -151,6 +165,11 @@ def check_run_settings(settings: Mapping[str, Any]) -> None:
         whole_number(settings["seq_len"], "--seq-len", minimum=1, maximum=MAX_WHOLE)
     text_value(settings.get("device"), "--device")
     text_value(settings.get("dtype"), "--dtype")
+    if not isinstance(settings.get("grad", False), bool):
+        raise SppError(f"grad must be True or False, not {settings.get('grad')!r}")
+    loss = settings.get("loss", "random")
+    if not isinstance(loss, str) or loss not in LOSSES:  # a RunConfig is plain data: a built-in loss name
+        raise SppError(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
 
 
 # ---- options of the built-in models --------------------------------------------------------------------------------

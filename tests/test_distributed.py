@@ -26,7 +26,7 @@ from spp.models import create_model
 from spp.run import RunConfig, record_run
 
 ROOT = Path(__file__).resolve().parent.parent
-STATS = ("avg_sq_mean", "avg_var", "res_avg_var")
+STATS = ("avg_sq_mean", "avg_var", "res_avg_var", "grad_avg_sq_mean", "grad_avg_var", "grad_res_avg_var")
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +66,10 @@ CONFIGS = {
                     batch_size=4, seed=3),
     "bn_train": RunConfig(model="bn_relu_resnet50", model_kwargs={"width": 0.125}, resolution=32, num_samples=12,
                           batch_size=4, seed=1, mode="train"),
+    # --grad: each rank's gradient moments merge too, and micro-batch j draws the loss's g from (seed, j) on any
+    # rank, so the gradients are those of one process
+    "nf_grad": RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, num_samples=10,
+                         batch_size=4, seed=3, grad=True),
     # one micro-batch: rank 1 records nothing and still gets the merged record
     "one_batch": RunConfig(model="nf_resnet50", model_kwargs={"width": 0.125}, resolution=32, batch_size=4),
 }

@@ -13,7 +13,7 @@ from spp import render
 from spp.errors import SppError
 from spp.records import Record
 from spp.run import RunConfig, record_run
-from spp.schema import NAMES
+from spp.schema import GRAD_STATISTICS, NAMES
 
 TINY = {"width": 0.0625}
 
@@ -36,7 +36,8 @@ def synthetic(label: str, columns: dict[str, list[float]], *, stage_ends: list[i
         row.update(block=i, layer=layer[i] if layer else i, branch=branch[i] if branch else "", name=f"b{i}",
                    stage=0 if i == 0 else 1, channels=4, count=8, nonfinite=0, expected_var=math.nan,
                    residual_site="" if i == 0 else f"b{i}.branch:output", avg_sq_mean=1.0, avg_var=1.0,
-                   res_avg_var=math.nan if i == 0 else 1.0)
+                   res_avg_var=math.nan if i == 0 else 1.0,
+                   **dict.fromkeys(GRAD_STATISTICS, math.nan))  # as a record without --grad holds them
         for key, values in columns.items():
             row[key] = values[i]
         rows.append(row)
