@@ -448,23 +448,39 @@ def compare(
 
 @app.command()
 @_shared(_model_options)
-def blocks(cfg, model: ModelOpt) -> None:
-    """Show the blocks spp finds, their stage, where the residual branch is read, and the rule that found them."""
+def blocks(
+    cfg,
+    model: ModelOpt,
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Record one micro-batch of two samples (Gaussian or random tokens) to prove "
+        "each tap's channel axis and check its residual identity; --no-verify only lists the taps.")] = True,
+) -> None:
+    """Show the blocks spp finds, their stage, where the residual branch is read, the rule that found them and,
+    from one micro-batch, the channel axis and whether output == shortcut + branch held (the check column)."""
     from spp import commands
 
     taps = commands.list_blocks(cfg)
+    checks = commands.check_blocks(cfg) if verify else {}
     notes: list[str] = []
-    table = _table(f"{model}: {len(taps) - 1} tap points after the stem",
-                   ["#", "stage", "name", "output", "residual branch", "rule"],
+    columns = ["#", "stage", "name", "output", "residual branch", *(["axis", "check"] if verify else []), "rule"]
+    table = _table(f"{model}: {len(taps) - 1} tap points after the stem", columns,
                    left=("name", "output", "residual branch", "rule"))
     for i, t in enumerate(taps):
+        found = checks.get(t.name)
+        note = found.note if found is not None and found.note else t.note
         mark = ""
-        if t.note:
-            if t.note not in notes:
-                notes.append(t.note)
-            mark = f" [yellow]\\[note {notes.index(t.note) + 1}][/]"
+        if note:
+            if note not in notes:
+                notes.append(note)
+            mark = f" [yellow]\\[note {notes.index(note) + 1}][/]"
+        verdict = []
+        if verify:
+            check = found.check if found is not None else "not recorded"
+            colour = {"verified": "green", "refused": "red"}.get(check, "yellow")
+            verdict = [str(found.axis) if found is not None and found.axis >= 0 else "-",
+                       f"[{colour}]{_escape(check)}[/]" if check != "-" else "-"]
         table.add_row(str(i), str(t.stage), _escape(t.name), _escape(_relative(str(t.output), t.module)),
-                      _escape(_relative(str(t.residual or "-"), t.module)), _escape(t.rule) + mark)
+                      _escape(_relative(str(t.residual or "-"), t.module)), *verdict, _escape(t.rule) + mark)
     out_console.print(table)
     for n, note in enumerate(notes, start=1):
         out_console.print(f"[yellow]note {n}:[/] {_escape(note)}", highlight=False, soft_wrap=True)

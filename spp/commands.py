@@ -2,7 +2,7 @@
 gets exactly what the CLI draws.
 
 ``plot_model`` (``spp plot``), ``record_to_file`` (``spp record``), ``compare_sources`` (``spp compare``),
-``bn_report`` (``spp bn``), ``list_blocks`` (``spp blocks``), ``list_models`` (``spp models``).
+``bn_report`` (``spp bn``), ``list_blocks`` and ``check_blocks`` (``spp blocks``), ``list_models`` (``spp models``).
 """
 
 from __future__ import annotations
@@ -176,6 +176,17 @@ def run_notes(rec: Record) -> list[str]:
     return notes
 
 
+@dataclass
+class BlockCheck:
+    """What one micro-batch says of a tap: the channel ``axis`` proven on its output (-1: none), the residual
+    identity's ``check`` (verified / unchecked / refused / '-' for the stem) and the row's ``note`` (why)."""
+
+    axis: int
+    shape: str
+    check: str
+    note: str
+
+
 def list_blocks(cfg: RunConfig) -> list[Tap]:
     """The taps spp would record for ``cfg.model``: stage, name, output site, residual site, rule."""
     from spp.discovery import find_taps
@@ -190,6 +201,18 @@ def list_blocks(cfg: RunConfig) -> list[Tap]:
         raise
     except BaseException as exc:
         raise user_code_error(exc, f"finding the blocks of {loaded.name} (tracing its forward)") from None
+
+
+CHECK_SAMPLES = 2  # `spp blocks` verifies on one micro-batch of two samples (two: BatchNorm in train mode needs them)
+
+
+def check_blocks(cfg: RunConfig) -> dict[str, BlockCheck]:
+    """Per tap name, the verdict of a recording of one micro-batch of ``CHECK_SAMPLES`` samples of ``cfg``'s input:
+    the channel axis proven and the residual identity checked, exactly as ``spp plot`` does on its first
+    micro-batch. ``spp blocks`` prints it beside each tap, so the taps can be trusted before a long run."""
+    rec = record_run(replace(cfg, num_samples=CHECK_SAMPLES, batch_size=CHECK_SAMPLES, grad=False))
+    return {str(r["name"]): BlockCheck(int(r["axis"]), str(r["shape"]), str(r["check"]), str(r["note"]))
+            for r in rec.rows}
 
 
 def list_models(pattern: str | None = None) -> list[tuple[str, str]]:

@@ -139,6 +139,12 @@ def resolved_run(rec: Record) -> RunConfig:
     base, options = split_options(cfg.model)
     if options and is_model(base):
         changes["model"], changes["model_kwargs"] = base, {**cfg.model_kwargs, **options}
+    kwargs = changes.get("model_kwargs", cfg.model_kwargs)
+    seq_len = sequence_length(rec)
+    if is_model(base) and get_entry(base).family.kind == "transformer":  # the options it was built with
+        built = {"seq_len": seq_len, "vocab_size": _setting(rec, "vocab_size") if s.get("input") == "tokens" else None}
+        kwargs = {**kwargs, **{k: v for k, v in built.items() if k not in kwargs and isinstance(v, int)}}
+        changes["model"], changes["model_kwargs"] = base, kwargs
     return replace(cfg, **changes)
 
 

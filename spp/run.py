@@ -106,6 +106,19 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _builtin_seq_len(cfg: RunConfig) -> dict[str, Any]:
+    """The model options of ``cfg``, with ``--seq-len`` passed on to a built-in reference transformer (its theory
+    is derived for one sequence length, so it is built for the length it will get) unless its options set one."""
+    from spp.loading import split_options
+    from spp.models import get_entry, is_model
+
+    base, options = split_options(cfg.model)
+    if (cfg.seq_len is None or not is_model(base) or get_entry(base).family.kind != "transformer"
+            or "seq_len" in cfg.model_kwargs or "seq_len" in options):
+        return dict(cfg.model_kwargs)
+    return {**cfg.model_kwargs, "seq_len": cfg.seq_len}
+
+
 def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any = None) -> Record:
     """Record the SPP of ``cfg.model`` on ``cfg``'s inputs; ``progress`` gets one task of micro-batches.
 
@@ -125,7 +138,7 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
         import torch
 
         torch.manual_seed(cfg.seed)  # the model's init is part of the experiment: same seed, same weights
-        loaded = load_model(cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
+        loaded = load_model(cfg.model, model_kwargs=_builtin_seq_len(cfg), pretrained=cfg.pretrained,
                             checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_pickle)
     model = loaded.model.to(device) if device.type != "cpu" or off_cpu(loaded.model) else loaded.model
     if cfg.mode == "train" and cfg.batch_size == 1 and _has_batch_statistics(model):

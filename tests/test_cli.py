@@ -124,6 +124,21 @@ def test_blocks_shows_taps_and_rules():
     assert "conv3:output" in result.output and "16 tap points" in result.output
 
 
+def test_blocks_shows_the_verdict_of_one_micro_batch():
+    """`spp blocks` records one micro-batch: every NF block's identity output == shortcut + branch holds
+    (16 verified, axis 1 of NCHW); naming conv2 (a bottleneck's inner conv: a quarter of the output's channels)
+    as the branch cannot satisfy it, so every block is refused and the note says why; --no-verify lists only."""
+    ok = run("blocks", "--model", "nf_resnet50", "--width", "0.0625")
+    rows = [line for line in ok.output.splitlines() if "stages." in line]
+    assert ok.exit_code == 0 and len(rows) == 16 and all("verified" in r and "│   1 │" in r for r in rows)
+    wrong = run("blocks", "--model", "nf_resnet50", "--width", "0.0625", "--residual-tap", "conv2")
+    assert wrong.exit_code == 0, wrong.output
+    assert wrong.output.count("refused") >= 16 and "verified" not in wrong.output
+    assert "the residual identity fails on the first micro-batch" in wrong.output
+    listed = run("blocks", "--model", "nf_resnet50", "--width", "0.0625", "--no-verify")
+    assert listed.exit_code == 0 and "verified" not in listed.output and "16 tap points" in listed.output
+
+
 def test_blocks_prints_each_note_once():
     """torchvision resnet18 with zero_init_residual: the same zero-branch note on all 8 blocks was repeated on
     every row (118 lines for 16 blocks); now each row points to note 1, printed once below the table."""

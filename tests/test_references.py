@@ -131,6 +131,20 @@ def test_transformer_references_get_the_sequence_length_and_run_on_the_same_ids(
     assert is_same_run(resolved_run(rec), reference_config(rec, "preln_transformer6"))
 
 
+def test_a_reference_transformer_recorded_with_seq_len_is_built_for_it_and_not_drawn_twice():
+    """`spp plot --model preln_transformer6 --seq-len 16`: the model is built for 16 tokens (its theory is derived
+    for one length; built for the default 128 it would refuse 16), and it is its own Pre-LN reference on the same
+    run (same width, length and vocabulary), so only the two other families are recorded beside it."""
+    cfg = RunConfig(model="preln_transformer6", model_kwargs={"width": 32.0}, seq_len=16, num_samples=2,
+                    batch_size=2)
+    rec = record_run(cfg)
+    assert rec.settings["input_shape"] == [16] and rec.num_blocks == 12
+    assert is_same_run(resolved_run(rec), reference_config(rec, "preln_transformer6"))
+    refs = references_for(rec)
+    assert [r.settings["family"] for r in refs] == ["postln_transformer", "nf_transformer"]
+    assert all(r.settings["input_shape"] == [16] for r in refs)
+
+
 def test_embedding_inputs_give_the_reference_the_embedding_width():
     rec = Record(rows=[], stage_ends=[], settings={"input": "embeddings", "input_shape": [16, 48],
                                                    "run": RunConfig(model="hf:gpt2", input="embeddings").describe()})

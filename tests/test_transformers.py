@@ -779,3 +779,73 @@ def test_option_values_are_parsed_strictly():
         "8",
         "silu",
     ]
+
+
+# ---- the CLI end to end -------------------------------------------------------------------------------------------
+
+
+def test_cli_plot_on_gpt2_end_to_end(tmp_path):
+    """`spp plot --model 'hf:gpt2?...'` with its default token input: 2 taps per layer plus the stem, in the order
+    attn, mlp; every number equals a float64 computation on tensors this test captures from the same model (built
+    with the run's seed) on the same token ids; the references are the three transformer families, at the closest
+    depth (2 layers -> 6), on the same sequence length and token ids, never a ResNet."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from spp.cli import app
+    from spp.inputs import make_input
+    from spp.loading import load_model
+
+    spec = f"hf:gpt2?n_layer=2,n_embd=32,n_head=2,vocab_size={VOCAB}"
+    out = tmp_path / "gpt.png"
+    result = CliRunner().invoke(app, ["plot", "--model", spec, "--seq-len", "16", "--num-samples", "4",
+                                      "--batch-size", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "gpt.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    curves = list(dict.fromkeys(r["model"] for r in rows))
+    assert len(curves) == 4 and curves[1:] == ["Pre-LN transformer 6", "Post-LN transformer 6", "NF transformer 6"]
+    mine = [r for r in rows if r["model"] == curves[0]]
+    assert [(r["layer"], r["branch"]) for r in mine] == [("0", ""), ("1", "attn"), ("1", "mlp"), ("2", "attn"),
+                                                         ("2", "mlp")]
+    assert all(len([r for r in rows if r["model"] == c]) == 1 + 2 * 6 for c in curves[1:])
+
+    torch.manual_seed(0)  # the run's seed: the same weights
+    loaded = load_model(spec)
+    model = loaded.model.eval()
+    source = make_input(None, num_samples=4, batch_size=2, seed=0, tokens=loaded.tokens, seq_len=16)
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(_module, _args, output):
+            captured.setdefault(name, []).append((output[0] if isinstance(output, tuple) else output).detach())
+        return hook
+
+    handles = [model.drop.register_forward_hook(keep("stem"))]
+    for i, layer in enumerate(model.h):
+        handles += [layer.attn.register_forward_hook(keep(f"attn{i}")),
+                    layer.mlp.register_forward_hook(keep(f"mlp{i}"))]
+    with torch.no_grad():
+        for batch in source.batches(None, device=torch.device("cpu")):
+            model(batch)
+    for h in handles:
+        h.remove()
+
+    def stats(t: torch.Tensor) -> tuple[float, float]:
+        flat = t.double().reshape(-1, t.shape[-1])
+        return float(flat.mean(0).square().mean()), float(flat.var(0, unbiased=False).mean())
+
+    stream = torch.cat(captured["stem"]).double()
+    expected = [(*stats(stream), None)]
+    for i in range(2):
+        for part in ("attn", "mlp"):
+            branch = torch.cat(captured[f"{part}{i}"]).double()
+            stream = stream + branch
+            expected.append((*stats(stream), stats(branch)[1]))
+    for row, (sq_mean, var, res_var) in zip(mine, expected, strict=True):
+        assert float(row["avg_sq_mean"]) == pytest.approx(sq_mean, rel=1e-4)
+        assert float(row["avg_var"]) == pytest.approx(var, rel=1e-4)
+        if res_var is not None:
+            assert float(row["res_avg_var"]) == pytest.approx(res_var, rel=1e-4)
