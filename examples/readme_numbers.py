@@ -3,15 +3,17 @@
     python examples/readme_numbers.py                   # the README's settings: ~10 minutes on 2 CPU cores
     python examples/readme_numbers.py --write-readme    # ... and put the sections into README.md
     python examples/readme_numbers.py --depth 50 --width 0.0625 --resolution 32 --batch-size 2 \
-        --bn-width 0.0625 --bn-resolution 32 --bn-samples 16 --bn-batch-sizes 8,2,4,16 --ema-updates 3   # tiny
+        --bn-width 0.0625 --bn-resolution 32 --bn-samples 16 --bn-batch-sizes 8,2,4,16 --ema-updates 3 \
+        --hf-spec "hf:gpt2?n_layer=2,n_embd=32,n_head=2" --tf-depths 6,12 --tf-width 32 --seq-len 16   # tiny
 
 Each section is printed between ``<!-- readme_numbers:NAME -->`` and ``<!-- /readme_numbers:NAME -->`` lines,
 with the command that made it; README.md holds the same lines, and ``--write-readme`` replaces them there. The
 sections: ``how-to-read`` (``spp plot --model nf_resnet600``: the model and its two BN references),
 ``norms`` (``spp plot --model bn_relu_resnet50 --norm ...``), ``compare`` (``spp compare nf_resnet600
-'nf_resnet600?ws=false'``), ``blocks`` (``spp blocks`` on five library models) and ``bn`` (``spp bn`` on a
-checkpoint whose BatchNorm buffers took 20 EMA updates). Each calls the library function behind its command
-(``spp.commands``), so the numbers are those the commands print.
+'nf_resnet600?ws=false'``), ``blocks`` (``spp blocks`` on five library models), ``bn`` (``spp bn`` on a
+checkpoint whose BatchNorm buffers took 20 EMA updates), ``transformers`` (``spp plot --model hf:gpt2`` and the
+reference transformers at 12 and 48 layers) and ``gradients`` (``spp plot --model nf_resnet50 --grad``). Each
+calls the library function behind its command (``spp.commands``), so the numbers are those the commands print.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import re
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +33,11 @@ from spp.run import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "examples/readme_numbers.py"
 DEFAULTS = {"depth": 600, "width": None, "resolution": None, "batch_size": None, "bn_width": 0.25,
-            "bn_resolution": 64, "bn_samples": 512, "bn_batch_sizes": "32,2,4,8", "ema_updates": 20}
+            "bn_resolution": 64, "bn_samples": 512, "bn_batch_sizes": "32,2,4,8", "ema_updates": 20,
+            "hf_spec": "hf:gpt2", "tf_depths": "12,48", "tf_width": None, "seq_len": None}
+SHORT = {"bn_relu_resnet": "BN-ReLU-Conv", "relu_bn_resnet": "ReLU-BN-Conv", "nf_resnet": "NF-ResNet, Scaled WS",
+         "preln_transformer": "Pre-LN transformer", "postln_transformer": "Post-LN transformer",
+         "nf_transformer": "NF transformer"}
 NORM_DEPTH = 50  # the norms table: ResNet-50 (with no norm, 600 layers overflow float32)
 
 
@@ -144,6 +151,56 @@ def blocks(args: argparse.Namespace) -> str:
     return section("blocks", args, body)
 
 
+def transformers(args: argparse.Namespace, out: Path) -> str:
+    """`spp plot --model hf:gpt2` (its default token input) and `spp plot --model preln_transformerL` for each of
+    ``--tf-depths``: first and last residual-stream variance of each reference transformer beside its derived
+    theory, and the HF model's stem, last stream and mean branch variances."""
+    extra = {"width": args.tf_width} if args.tf_width else {}
+    hf = commands.plot_model(RunConfig(model=args.hf_spec, seq_len=args.seq_len, batch_size=args.batch_size or 8),
+                             out=str(out / "hf.png"))
+    rec = hf.record
+    branch = {b: sum(r["res_avg_var"] for r in rec.rows if r["branch"] == b) / sum(r["branch"] == b for r in rec.rows)
+              for b in ("attn", "mlp")}
+    body = [f"`spp plot --model {args.hf_spec}` ({rec.settings['samples']} sequences of {rec.settings['seq_len']} "
+            f"random token ids, train mode): {len(rec.rows) - 1} tap points, the residual-stream variance "
+            f"{g(rec.rows[0]['avg_var'])} at the embeddings and {g(rec.rows[-1]['avg_var'])} after the last layer, "
+            f"the branch variance {g(branch['attn'])} (attention) and {g(branch['mlp'])} (MLP) on average; the "
+            "references beside it, and the same families at other depths: the stream variance after the first "
+            "attention and after the last MLP, measured, beside the theory (over infinitely many sequences) and the "
+            "theory as a batch of that many sequences reads it (`at_batch`: low by the part every token of a "
+            "sequence shares, divided by the batch), and that shared part's share of the last variance:", "",
+            "| reference | layers | first: measured (theory) | last: measured | last: theory | last: theory at "
+            "the batch | shared part |", "|---|---|---|---|---|---|---|"]
+    from spp.models import create_model
+
+    for depth in [int(d) for d in args.tf_depths.split(",")]:
+        cfg = RunConfig(model=f"preln_transformer{depth}", model_kwargs=extra, seq_len=args.seq_len,
+                        batch_size=args.batch_size or 8)
+        result = commands.plot_model(cfg, out=str(out / f"tf{depth}.png"))
+        for ref in [result.record, *result.references]:
+            family = ref.settings.get("family") or "preln_transformer"
+            theory = create_model(f"{family}{depth}", **extra, seq_len=ref.settings["seq_len"]).spp_theory[-1]
+            first, last = ref.rows[1], ref.rows[-1]
+            body.append(f"| {SHORT[family]} | {depth} | {g(first['avg_var'])} ({g(first['expected_var'])}) | "
+                        f"{g(last['avg_var'])} | {g(theory.var)} | {g(theory.at_batch(ref.settings['samples'])[0])} "
+                        f"| {g(theory.common / theory.var, 2)} |")
+    return section("transformers", args, body)
+
+
+def gradients(args: argparse.Namespace, out: Path) -> str:
+    """`spp plot --model nf_resnet50 --grad`: the gradient variance at the last block and at the stem, per model."""
+    cfg = replace(run_config(args, f"nf_resnet{NORM_DEPTH}"), grad=True)
+    result = commands.plot_model(cfg, out=str(out / "grad.png"))
+    body = [f"`spp plot --model nf_resnet{NORM_DEPTH} --grad` (loss: a seeded random projection of the output): "
+            "the gradient's average channel variance at the last block and at the stem, and their ratio:", "",
+            "| model | last block | stem | stem / last |", "|---|---|---|---|"]
+    for rec in [*result.references, result.record]:
+        last, stem = rec.rows[-1]["grad_avg_var"], rec.rows[0]["grad_avg_var"]
+        body.append(f"| {SHORT[rec.settings.get('family') or 'nf_resnet']} | {g(last)} | {g(stem)} | "
+                    f"{g(stem / last)} |")
+    return section("gradients", args, body)
+
+
 def ema_checkpoint(args: argparse.Namespace, path: Path) -> None:
     """The README's checkpoint: bn_relu_resnet50 (seed 0) after ``ema_updates`` train-mode forwards of 32
     Gaussian samples (PyTorch's momentum 0.1), as the README's Python block writes it."""
@@ -196,6 +253,10 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     parser.add_argument("--bn-samples", type=int, default=DEFAULTS["bn_samples"])
     parser.add_argument("--bn-batch-sizes", default=DEFAULTS["bn_batch_sizes"])
     parser.add_argument("--ema-updates", type=int, default=DEFAULTS["ema_updates"])
+    parser.add_argument("--hf-spec", default=DEFAULTS["hf_spec"], help="the HF model of `transformers`")
+    parser.add_argument("--tf-depths", default=DEFAULTS["tf_depths"], help="reference transformer depths")
+    parser.add_argument("--tf-width", type=int, default=None, help="reference transformer width (default 256)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: spp's 128)")
     parser.add_argument("--only", default=None, help="comma list of sections")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--write-readme", action="store_true", help="replace the sections in README.md")
@@ -207,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         makers = {"how-to-read": lambda: how_to_read(args, out), "norms": lambda: norms(args, out),
-                  "compare": lambda: compare(args, out), "blocks": lambda: blocks(args), "bn": lambda: bn(args, out)}
+                  "compare": lambda: compare(args, out), "blocks": lambda: blocks(args), "bn": lambda: bn(args, out),
+                  "transformers": lambda: transformers(args, out), "gradients": lambda: gradients(args, out)}
         for name, make in makers.items():
             if wanted is None or name in wanted:
                 sections[name] = make()

@@ -57,13 +57,13 @@ def code_fingerprint() -> str:
 
 
 def _input_fingerprint(spec: str | None) -> Any:
-    """None for Gaussian input; for files, every file's (path, size, mtime): an edited file is a new input."""
-    from spp.inputs import GAUSSIAN_NAMES, TENSOR_EXTENSIONS, find_images
+    """None for generated inputs (Gaussian, tokens, embeddings: the run's settings say all of them); for files,
+    every file's (path, size, mtime): an edited file is a new input."""
+    from spp.inputs import input_files
 
-    if spec is None or spec.strip().lower() in GAUSSIAN_NAMES:
+    files = input_files(spec)
+    if not files:
         return None
-    path = os.path.expanduser(spec)
-    files = [path] if path.lower().endswith(TENSOR_EXTENSIONS) else find_images(path)
     out = []
     for f in files:
         st = os.stat(f)

@@ -372,21 +372,12 @@ def _model_files(spec: str) -> list[str]:
 
 def run_inputs(cfg: RunConfig) -> list[str]:
     """Every file a run reads (model file, checkpoint, input tensor or images), so no output can replace one."""
-    from spp.inputs import GAUSSIAN_NAMES, TENSOR_EXTENSIONS, find_images
+    from spp.inputs import input_files
 
     paths = _model_files(cfg.model) if cfg.model else []
     if cfg.checkpoint:
         paths.append(cfg.checkpoint)
-    spec = cfg.input
-    if spec is not None and spec.strip().lower() not in GAUSSIAN_NAMES:
-        import os
-
-        path = os.path.expanduser(spec)
-        if path.lower().endswith(TENSOR_EXTENSIONS):
-            paths.append(path)
-        else:
-            paths.extend(find_images(path))  # an output named like one of the images would replace it
-    return paths
+    return paths + input_files(cfg.input)  # an output named like one of the images would replace it
 
 
 def compare_inputs(sources: Sequence[str | Record], cfg: RunConfig | None) -> list[str]:

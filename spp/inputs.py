@@ -140,6 +140,21 @@ class GaussianInput(InputSource):
 # ---- images ------------------------------------------------------------------------------------------------
 
 
+TOKEN_NAMES = ("tokens", "embeddings")  # --input values that make samples for a token model
+
+
+def input_files(spec: str | None) -> list[str]:
+    """Every file ``--input spec`` reads: none for generated inputs (Gaussian, tokens, embeddings), the file for a
+    tensor or text file, else the images ``find_images`` finds. The cache fingerprints them, and no output may
+    replace one."""
+    if spec is None or spec.strip().lower() in (*GAUSSIAN_NAMES, *TOKEN_NAMES):
+        return []
+    path = os.path.expanduser(spec.strip())
+    if path.lower().endswith((*TENSOR_EXTENSIONS, ".txt")):
+        return [path]
+    return find_images(path)
+
+
 def find_images(path: str) -> list[str]:
     """Image files named by ``path``: a folder (searched recursively), a glob pattern, or one file; sorted.
 
@@ -529,7 +544,7 @@ def make_input(
     if tokens is not None:
         return _token_input(lowered, text, tokens, num_samples=num_samples, batch_size=batch_size, seed=seed,
                             std=std, seq_len=seq_len)
-    if lowered in ("tokens", "embeddings") or lowered.endswith(".txt"):
+    if lowered in TOKEN_NAMES or lowered.endswith(".txt"):
         raise SppError(f"--input {text}: this model reads images, not token ids; token inputs need a model that "
                        "does (hf:..., or a reference transformer such as preln_transformer12)")
     config = dict(data_config or {})

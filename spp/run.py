@@ -200,7 +200,24 @@ def record_run(cfg: RunConfig, *, progress: Progress | None = None, loaded: Any 
                               failed=f"failed on input of shape (batch, {shape})") from None
     if "skipped_images" in settings:  # images are read during the forward: count the unreadable ones now
         rec.settings["skipped_images"] = source.describe()["skipped_images"]
+    _theory_for_unit_inputs(rec, cfg, label)
     return rec
+
+
+def _theory_for_unit_inputs(rec: Record, cfg: RunConfig, label: str) -> None:
+    """Blank ``expected_var`` (with a warning) when the input is generated with ``--input-std`` other than 1: the
+    built-in models' expected variances (NF beta bookkeeping, the reference transformers' derivations) assume
+    unit-variance inputs, and a theory line drawn for another input would be silently wrong."""
+    import math
+    import warnings
+
+    generated = rec.settings.get("input") in ("gaussian", "embeddings")
+    if not generated or cfg.input_std == 1.0 or not any(math.isfinite(r["expected_var"]) for r in rec.rows):
+        return
+    for r in rec.rows:
+        r["expected_var"] = math.nan
+    warnings.warn(f"{label}: no expected-variance line: its theory assumes unit-variance inputs, and --input-std "
+                  f"{cfg.input_std:g} multiplies the input's variance by {cfg.input_std ** 2:g}", stacklevel=2)
 
 
 def normalisation_batches(source: Any, batch_statistics: bool) -> tuple[Any, dict[str, Any]]:

@@ -2,8 +2,9 @@
 says it writes; every measured number comes from examples/readme_numbers.py.
 
 Tiny settings (documented in the README's "Development"): built-in models of depth 600 become depth 50; every
-`spp` command gets --width 0.0625 --resolution 32 (--batch-size 2, or 4,2 for `spp bn`; --num-samples at most 16;
-torchrun --nproc-per-node 2); Python blocks get width=0.0625 and 32 px inputs. The first block (install, test
+`spp` command on an image model gets --width 0.0625 (built-in models) --resolution 32, one on a token model
+--seq-len 16 (--batch-size 2, or 4,2 for `spp bn`; --num-samples at most 16; torchrun --nproc-per-node 2); Python
+blocks get width=0.0625 and 32 px inputs. The first block (install, test
 suite) is what `.ci/run` executes; the "Development" block is checked to be what CI runs.
 """
 
@@ -22,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spp.cli import app
+from spp.models import is_model
 from tests.test_distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +60,18 @@ def tiny_args(args: list[str]) -> list[str]:
             out[i + 1] = "4,2" if command == "bn" else "2"
         elif a == "--num-samples":
             out[i + 1] = str(min(int(out[i + 1]), 16))
-    if command in RECORDING or command == "blocks":
+    token_model = any(a.startswith("hf:") or "_transformer" in a for a in out)
+    model = out[out.index("--model") + 1] if "--model" in out else ""
+    builtin = is_model(model.split("?")[0])
+    if (command in RECORDING or command == "blocks") and not token_model:
         for flag, value in TINY.items():
-            if flag not in out and not (command == "blocks" and flag == "--resolution"):
-                out += [flag, value]
+            if flag in out or (command == "blocks" and flag == "--resolution"):
+                continue
+            if flag == "--width" and model and not builtin:
+                continue  # --width is an option of the built-in models only
+            out += [flag, value]
+    if token_model and command in ("plot", "record", "compare") and "--seq-len" not in out:
+        out += ["--seq-len", "16"]
     if command in ("plot", "record", "compare") and "--batch-size" not in out:
         out += ["--batch-size", "2"]
     return out
@@ -184,7 +194,8 @@ def form(text: str) -> str:
 
 TINY_NUMBERS = ["--depth", "50", "--width", "0.0625", "--resolution", "32", "--batch-size", "2", "--bn-width",
                 "0.0625", "--bn-resolution", "32", "--bn-samples", "16", "--bn-batch-sizes", "8,2,4,16",
-                "--ema-updates", "3"]
+                "--ema-updates", "3", "--hf-spec", "hf:gpt2?n_layer=2,n_embd=32,n_head=2", "--tf-depths", "6,12",
+                "--tf-width", "32", "--seq-len", "16"]
 
 
 def test_readme_numbers_come_from_the_script(capsys):
@@ -194,7 +205,8 @@ def test_readme_numbers_come_from_the_script(capsys):
     readme = script.readme_sections(README)
     made = script.main(TINY_NUMBERS)
     capsys.readouterr()
-    assert sorted(made) == sorted(readme) == ["blocks", "bn", "compare", "how-to-read", "norms"]
+    assert sorted(made) == sorted(readme) == ["blocks", "bn", "compare", "gradients", "how-to-read", "norms",
+                                             "transformers"]
     for name, text in made.items():
         assert form(text) == form(readme[name]), name
         assert f"<sub>Numbers: `python examples/readme_numbers.py` (section `{name}`).</sub>" in readme[name]

@@ -110,3 +110,22 @@ def test_a_failing_forward_names_the_input_shape_it_got(tmp_path):
     torch.save(torch.randn(4, 10), str(path))
     with pytest.raises(SppError, match=r"failed on input of shape \(batch, 10\)"):
         record_run(RunConfig(model="nf_resnet50", model_kwargs={"width": 0.0625}, input=str(path), batch_size=2))
+
+
+@pytest.mark.parametrize(("model", "kwargs", "extra"), [
+    ("nf_resnet50", {"width": 0.0625}, {"resolution": 32}),
+    ("nf_transformer6", {"width": 32}, {"input": "embeddings", "seq_len": 8}),
+])
+def test_a_theory_line_is_only_kept_for_the_unit_inputs_it_assumes(model, kwargs, extra):
+    """NF beta bookkeeping and the transformer derivations expect unit-variance inputs (stem variance 1): at
+    --input-std 1 the column holds them; at 2 the stem's variance is no longer the theory's, so expected_var is
+    NaN at every row and a warning says why, never a line drawn for another input."""
+    import math
+
+    base = RunConfig(model=model, model_kwargs=kwargs, batch_size=4, **extra)
+    unit = record_run(base)
+    assert unit.rows[0]["expected_var"] == 1.0 and all(math.isfinite(r["expected_var"]) for r in unit.rows)
+    with pytest.warns(UserWarning, match="theory assumes unit-variance inputs"):
+        scaled = record_run(RunConfig(**{**base.__dict__, "input_std": 2.0}))
+    assert all(math.isnan(r["expected_var"]) for r in scaled.rows)
+    assert scaled.rows[0]["avg_var"] > 2 * unit.rows[0]["avg_var"]  # the stem saw the larger input

@@ -316,3 +316,17 @@ def test_nf_attention_is_the_identity_over_positions_at_init():
     with torch.no_grad():
         assert torch.allclose(attn(x)[:, perm], attn(x[:, perm]), atol=1e-5)
         assert torch.allclose(attn(x), attn.proj(attn.v(x)), atol=1e-5)
+
+
+def test_keyword_inputs_are_the_positional_ones():
+    """spp's token and embedding inputs are HuggingFace-style dicts ({"input_ids": ...} / {"inputs_embeds": ...}):
+    a reference transformer fed either gives exactly its positional output; two inputs at once are refused."""
+    torch.manual_seed(0)
+    model = create_model("preln_transformer6", width=32, seq_len=8).eval()
+    ids = torch.randint(0, model.vocab_size, (2, 8))
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids), model(ids))
+        assert torch.equal(model(inputs_embeds=x), model(x))
+        with pytest.raises(SppError, match="takes one input"):
+            model(ids, inputs_embeds=x)

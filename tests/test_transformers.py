@@ -849,3 +849,20 @@ def test_cli_plot_on_gpt2_end_to_end(tmp_path):
         assert float(row["avg_var"]) == pytest.approx(var, rel=1e-4)
         if res_var is not None:
             assert float(row["res_avg_var"]) == pytest.approx(res_var, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "embeddings"])
+def test_cli_takes_the_token_inputs_by_name(tmp_path, kind):
+    """`--input tokens` / `--input embeddings` name generated inputs, not files: the record says which input it
+    got and of what shape (ids: (L,); embeddings: (L, hidden))."""
+    from typer.testing import CliRunner
+
+    from spp.cli import app
+    from spp.files import load_record
+
+    out = tmp_path / "r.pt"
+    result = CliRunner().invoke(app, ["record", "--model", f"hf:gpt2?n_layer=1,n_embd=32,n_head=2,vocab_size={VOCAB}",
+                                      "--input", kind, "--seq-len", "8", "--batch-size", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    settings = load_record(out).settings
+    assert settings["input"] == kind and settings["input_shape"] == ([8] if kind == "tokens" else [8, 32])

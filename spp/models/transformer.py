@@ -215,7 +215,14 @@ class ReferenceTransformer(nn.Module):
         for i, layer in enumerate(layers, start=1):
             layer.spp_expected_var = {t.branch: t.var for t in theory if t.layer == i}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (batch, seq) or embeddings (batch, seq, width), positionally or by HuggingFace's keyword names
+        (``input_ids=``, ``inputs_embeds=``: spp's token and embedding inputs feed every token model alike)."""
+        given = [t for t in (x, input_ids, inputs_embeds) if t is not None]
+        if len(given) != 1:
+            raise SppError(f"{self.family} takes one input: token ids or embeddings, got {len(given)}")
+        x = given[0]
         if x.is_floating_point():
             if x.ndim != 3 or x.shape[-1] != self.width:
                 raise SppError(f"{self.family} takes token ids (batch, seq) or embeddings (batch, seq, {self.width}),"
