@@ -179,13 +179,14 @@ def _derived_fields(config: Any) -> set[str]:
     fields = config.to_dict()
     derived = set()
     for key, value in fields.items():
-        if not isinstance(value, (bool, int, float, str)) or key in ("model_type", "transformers_version"):
-            continue
+        if key in ("model_type", "transformers_version"):
+            continue  # lists too: Qwen2's layer_types has one entry per layer, derived from num_hidden_layers
         try:
             rebuilt = type(config).from_dict({k: v for k, v in fields.items() if k != key})
+            same = rebuilt.to_dict().get(key) == value
         except Exception:  # the constructor needs this field
             continue
-        if getattr(rebuilt, key, None) == value:
+        if same:
             derived.add(key)
     return derived
 
@@ -210,7 +211,7 @@ def _with_overrides(config: Any, overrides: dict[str, Any], where: str) -> Any:
     kept = {k: v for k, v in config.to_dict().items() if k not in derived or k in wanted}
     try:
         rebuilt = type(config).from_dict({**kept, **wanted})
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # TypeError, ValueError, huggingface_hub's strict-dataclass validation errors
         raise SppError(f"hf:{where}: the config rejects these options: {_one_line(exc)}") from None
     for key, value in overrides.items():
         now = getattr(rebuilt, key, None)

@@ -49,6 +49,12 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def _optional_argument(site: Site, module: str) -> bool:
+    """Whether ``site`` is an input argument of the block ``module`` other than its first (one a caller may leave
+    out: ``forward(x, shortcut=None)``)."""
+    return site.kind == "input" and site.module == module and site.arg not in (0, "x", "hidden_states")
+
+
 def _argument(module: nn.Module, arg: int | str) -> Callable[[tuple, dict], Any]:
     """A reader of one input argument of ``module``: by position, or by the parameter's name when passed as a
     keyword (HF layers are called with keywords)."""
@@ -67,6 +73,9 @@ def _argument(module: nn.Module, arg: int | str) -> Callable[[tuple, dict], Any]
 
 
 OUTPUT, BRANCH, SHORTCUT = 0, 1, 2
+# The block's first input, kept for the check of a tap whose shortcut is an optional argument of the block
+# (``forward(x, shortcut=None)``: called without it, the block adds to x): used only if that argument held none.
+FIRST_INPUT = 3
 _ROLE_NAMES = {OUTPUT: "stream", BRANCH: "branch", SHORTCUT: "shortcut"}
 # Which running moments a pending item goes to: the forward's stream and branch, then their gradients.
 GRAD_OUTPUT, GRAD_BRANCH = 2, 3
@@ -280,6 +289,8 @@ class SignalRecorder:
             shortcut = tap.residual.subtrahend if isinstance(tap.residual, Difference) else tap.shortcut
             if shortcut is not None and tap.residual is not None:  # the first forward only: axes and the check
                 add(shortcut, self._consumer(i, SHORTCUT), checks)
+                if _optional_argument(shortcut, tap.module) and isinstance(tap.residual, Site):
+                    add(Site(tap.module, "input", 0), self._first_input_keeper(i), checks)
 
         for into, handles in ((consumers, self._handles), (checks, None)):
             for site, fns in into.items():
@@ -291,6 +302,16 @@ class SignalRecorder:
                     handle = module.register_forward_hook(_post_hook(fns))
                 (handles if handles is not None else self._check_handles).append(handle)
         self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
+
+    def _first_input_keeper(self, i: int) -> Consumer:
+        """Keeps the first sample of block ``i``'s first input for its check (see ``FIRST_INPUT``)."""
+
+        def keep(raw: torch.Tensor) -> None:
+            first = self._first
+            if first is not None and self._verify and i not in self._refused:
+                first.kept[(i, FIRST_INPUT)] = first.keep(raw.detach())
+
+        return keep
 
     def _consumer(self, i: int, role: int) -> Consumer:
         pending, ws, axes, refused = self._pending, self._workspace, self._axes, self._refused
@@ -539,9 +560,14 @@ class SignalRecorder:
         if i in first.checked or self.taps[i].residual is None:
             return
         kept = first.kept
+        via = ""
+        if (i, SHORTCUT) not in kept and (i, FIRST_INPUT) in kept and (i, OUTPUT) in kept:
+            kept[(i, SHORTCUT)] = kept.pop((i, FIRST_INPUT))  # the optional shortcut argument was not given
+            via = f" (its shortcut argument {self.taps[i].shortcut} was None: checked against its first input)"
         if not all((i, r) in kept for r in (OUTPUT, BRANCH, SHORTCUT)):
             return
         first.checked.add(i)
+        kept.pop((i, FIRST_INPUT), None)
         from spp.verify import check_residual
 
         o, b, s = kept.pop((i, OUTPUT)), kept.pop((i, BRANCH)), kept.pop((i, SHORTCUT))
@@ -552,7 +578,7 @@ class SignalRecorder:
         result = check_residual(o, s, b, output_axis=self._axes[(i, OUTPUT)], branch_axis=self._axes[(i, BRANCH)],
                                 post_activation=tap.post_activation, compute_dtype=o.dtype)
         if result.ok:
-            self._verdicts[i] = ("verified", result.detail)
+            self._verdicts[i] = ("verified", result.detail + via)
         else:
             self._refuse(i, f"the residual identity fails on the first micro-batch: {result.detail}; the sites "
                             f"{tap.output} / {tap.residual} / {tap.shortcut} are not this block's stream, branch "
@@ -598,8 +624,9 @@ class SignalRecorder:
                     self._verdicts[i] = ("unchecked", "")
                 elif tap.shortcut is None:
                     self._verdicts[i] = ("unchecked", "the rule names no shortcut site")
-                else:
-                    self._verdicts[i] = ("unchecked", f"its shortcut site {tap.shortcut} was never reached")
+                else:  # the addition the rule describes did not happen: its shortcut was not a tensor
+                    self._refuse(i, f"its shortcut site {tap.shortcut} held no tensor in the forward, so the "
+                                    "addition the rule found is not what ran; name the blocks with --blocks")
             if self.taps and (0, OUTPUT) not in self._axes and 0 not in self._refused:
                 self._refuse(0, f"the stem site {self.taps[0].output} was never reached in the forward")
         finally:
@@ -692,6 +719,8 @@ class SignalRecorder:
                 note = note or "residual branch is exactly zero (zero-init gain?): a flat SPP is the truth here"
             if check == "refused":
                 note = f"refused: {detail}" + (f"; {note}" if note else "")
+            elif check == "unchecked" and detail:
+                note = f"unchecked: {detail}" + (f"; {note}" if note else "")
             elif i in self._no_gradient:
                 note = f"no gradient statistics: {self._no_gradient[i]}" + (f"; {note}" if note else "")
             shape = self._shapes.get((i, OUTPUT))

@@ -260,3 +260,66 @@ def test_a_head_after_the_last_addition_is_not_the_stream():
     model = Chain(HeadAfterAddToy()).eval()
     with pytest.raises(SppError, match="no residual block found"):
         find_taps(model)
+
+
+# ---- optional shortcut arguments, embeddings --------------------------------------------------------------------
+
+
+class _OptionalShortcut(nn.Module):
+    """DLA's block: ``forward(x, shortcut=None)`` adds ``shortcut`` when given, else ``x`` (``default_double``:
+    else ``2 * x``, which is not the block's first input)."""
+
+    def __init__(self, c: int = 4, default_double: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.default_double = default_double
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = 2 * x if self.default_double else x
+        return shortcut + self.conv(x)
+
+
+def test_an_optional_shortcut_left_out_is_checked_against_the_first_input():
+    """Traced with ``shortcut`` open, the tap's shortcut is that argument; called without it, the identity is
+    checked on the block's first input instead: true for ``x`` (verified, numbers equal float64 of the output),
+    false for ``2 * x`` (refused, NaN), never printed unchecked."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    model = Chain(_OptionalShortcut(), _OptionalShortcut()).eval()
+    rec = hooks.record(model, x, mode="eval", blocks=["blocks.*"])
+    assert [r["check"] for r in rec.rows[1:]] == ["verified", "verified"]
+    with torch.no_grad():
+        out = model.blocks[0](model.stem(x))
+    assert rec.rows[1]["avg_var"] == pytest.approx(direct_stats(out, 1)[1], rel=1e-5)
+    doubled = Chain(_OptionalShortcut(default_double=True), _OptionalShortcut(default_double=True)).eval()
+    rec = hooks.record(doubled, x, mode="eval", blocks=["blocks.*"])
+    assert all(r["check"] == "refused" and math.isnan(r["avg_var"]) for r in rec.rows[1:])
+    assert "residual identity fails" in rec.rows[1]["note"]
+
+
+class TokenEmbeddings(nn.Module):
+    """HF-style embeddings: word + position lookups, ``inputs_embeds`` optional (None: looked up from ids)."""
+
+    def __init__(self, vocab: int = 16, width: int = 8, length: int = 5):
+        super().__init__()
+        self.word = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(length, width)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word(input_ids)
+        positions = input_ids.ne(0).long().cumsum(1) - 1  # MPNet / RoBERTa: positions from the ids (padding 0)
+        return inputs_embeds + self.position(positions.clamp(min=0))
+
+
+def test_embedding_modules_are_never_blocks():
+    """An embedding sum (word + position) is the stream's start, not a residual block: not claimed, though its
+    ``inputs_embeds`` argument plus a lookup of the ids looks like shortcut + branch to a trace (the same module
+    under another class name is claimed)."""
+    assert discovery.traced_residual("embed", TokenEmbeddings()) is None
+
+    class Lookup(TokenEmbeddings):
+        pass
+
+    assert discovery.traced_residual("embed", Lookup()) is not None

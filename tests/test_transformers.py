@@ -673,6 +673,17 @@ def test_overrides_rederive_dependent_fields(tmp_path):
     assert narrow.config.head_dim == 16 and narrow.config.intermediate_size == 64  # the saved value is kept
 
 
+def test_overrides_rederive_list_fields_and_bad_ones_are_one_line():
+    """Qwen2 keeps one `layer_types` entry per layer, derived from num_hidden_layers (default 24): overriding the
+    depth to 2 must give 2 entries (a kept list of 24 made the config's own validation raise); a value the config
+    rejects is one SppError line, not the validator's exception."""
+    model, _, _ = load_hf("qwen2?num_hidden_layers=2,hidden_size=64,num_attention_heads=4,intermediate_size=128,"
+                          "vocab_size=96")
+    assert len(model.config.layer_types) == 2 and len(model.layers) == 2
+    with pytest.raises(SppError, match="the config rejects these options"):
+        load_hf("qwen2?num_hidden_layers=2,layer_types=[1]")
+
+
 def test_info_max_positions_and_encoder_decoder():
     """Absolute tables bound the sequence (BERT 512; RoBERTa 514 rows less its padding offset of 2: 512);
     rotary (Llama) and relative (T5) models have none."""

@@ -80,10 +80,24 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+# Ops whose result holds no value of their tensor arguments, only their shape, dtype or device: a tensor made
+# from them (``torch.zeros(x.shape[:-1])``, ``x.new_ones(...)``) does not depend on x's data.
+_METADATA = {"size", "dim", "numel", "shape", "dtype", "device", "ndim", "ndimension"}
+_CREATE = {"zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like", "full_like",
+           "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "tensor", "randn", "rand", "randint",
+           "randn_like", "rand_like"}
+
+
 def _data_args(node: fx.Node) -> list[fx.Node]:
     """The tensors a node computes from: for a reshape-like op only its first argument (the others are sizes,
-    often read off ``x.shape``)."""
-    if _op_name(node) in _SHAPE and node.args and isinstance(node.args[0], fx.Node):
+    often read off ``x.shape``); none for a shape query or a tensor creation (zeros of x's shape holds none of
+    x's values: an embedding of such ids is not a branch computed from x)."""
+    name = _op_name(node)
+    if name in _METADATA or name in _CREATE:
+        return []
+    if node.op == "call_function" and name == "getattr" and len(node.args) > 1 and node.args[1] in _METADATA:
+        return []
+    if name in _SHAPE and node.args and isinstance(node.args[0], fx.Node):
         return [node.args[0]]
     return _node_args(node)
 
@@ -435,8 +449,15 @@ class _Residuals:
         return ", ".join(f"{name}{dims}" for name, dims in transforms)
 
 
+_EMBEDDING_CLASS = re.compile(r"Embedding")  # HF's *Embeddings, timm's *Embedding: ids or patches to vectors
+
+
 def traced_residual(name: str, module: nn.Module) -> list[Tap] | None:
-    """Any module whose forward provably returns ``shortcut + branch`` (see the module docstring)."""
+    """Any module whose forward provably returns ``shortcut + branch`` (see the module docstring). Embedding
+    modules are never blocks: they sum lookup tables (word + position + token type), the stream's start, and
+    their optional ``inputs_embeds`` argument would pass for a shortcut."""
+    if _EMBEDDING_CLASS.search(type(module).__name__):
+        return None
     graph = _graph_of(module)
     return _Residuals(name, module, graph).taps() if graph is not None else None
 
