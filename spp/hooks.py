@@ -326,6 +326,8 @@ class SignalRecorder:
             axis = axes.get((i, role))
             first = self._first
             x = raw.detach()
+            if role == SHORTCUT and first is not None and self._verify and isinstance(tap.residual, Site):
+                first.kept[(i, SHORTCUT)] = first.keep(x)  # for the check, whether or not its axis is proven
             if axis is None:
                 if first is None:
                     return  # never proven: refused when the first forward ended
@@ -341,7 +343,7 @@ class SignalRecorder:
                 if shortcut is not None and shortcut.shape == x.shape:
                     axes.setdefault((i, BRANCH), axis)
                     pending.append((BRANCH, i, *batch_moments(self._unscaled(i, x - shortcut), axis, ws)))
-            if first is not None and self._verify and isinstance(tap.residual, Site):
+            if first is not None and self._verify and isinstance(tap.residual, Site) and role != SHORTCUT:
                 first.kept[(i, role)] = first.keep(x)
                 if role == OUTPUT:
                     self._check(i, first)

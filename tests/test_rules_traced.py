@@ -323,3 +323,76 @@ def test_embedding_modules_are_never_blocks():
         pass
 
     assert discovery.traced_residual("embed", Lookup()) is not None
+
+
+class _PoolAttention(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, u):
+        return self.proj(self.norm(u)).mean(dim=1, keepdim=True)
+
+
+class _ClassAttention(nn.Module):
+    """CaiT's class-attention block: ``forward(x, x_cls)`` adds into its second argument."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.attn = _PoolAttention(c)
+        self.norm2 = nn.LayerNorm(c)
+        self.mlp = nn.Linear(c, c)
+
+    def forward(self, x, x_cls):
+        x_cls = x_cls + self.attn(torch.cat((x_cls, x), dim=1))
+        return x_cls + self.mlp(self.norm2(x_cls))
+
+
+class _ClassTokenModel(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.embed = nn.Linear(c, c)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.blocks = nn.ModuleList([_ClassAttention(c), _ClassAttention(c)])
+
+    def forward(self, x):
+        x = self.embed(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # the first block's shortcut: no layer made it
+        for blk in self.blocks:
+            cls = blk(x, cls)
+        return cls
+
+
+def test_a_shortcut_with_no_axis_evidence_is_still_checked():
+    """The first class-attention block adds into an expanded parameter (no layer produced it, so it has no axis
+    evidence of its own; the stream it makes is proven by the LayerNorm reading it): the identity is still checked
+    on it and holds, as for every other addition (verified); the number equals float64 statistics of the
+    captured sum on the last axis."""
+    torch.manual_seed(0)
+    model = _ClassTokenModel().eval()
+    x = torch.randn(3, 5, 8)
+    rec = hooks.record(model, x, mode="eval", blocks=["blocks.*"])
+    first = next(r for r in rec.rows if r["output_site"] == "blocks.0.norm2:input")
+    assert first["check"] == "verified", first["note"]
+    with torch.no_grad():
+        cls = model.cls_token.expand(3, -1, -1)
+        stream = cls + model.blocks[0].attn(torch.cat((cls, model.embed(x)), dim=1))
+    assert first["avg_var"] == pytest.approx(direct_stats(stream, 2)[1], rel=1e-5)
+
+
+def test_cait_class_attention_is_verified_where_its_shortcut_is_a_parameter():
+    """timm CaiT: the first class-attention block adds into ``cls_token.expand(...)``, which reaches the block
+    before any layer has said where its channels are. It was refused as 'identity fails' (the check fell back to
+    the block's first input); the shortcut is now kept for the check whatever its axis, and every class-attention
+    tap verifies; the stream equals float64 statistics of the captured ``norm2`` input on the last axis."""
+    from tests.zoo_models import ZOO
+
+    model, x = next(z for z in ZOO if z.id == "timm/cait_xxs24_224").build()
+    model.eval()
+    rec = hooks.record(model, x, mode="eval")
+    token = [r for r in rec.rows if r["name"].startswith("blocks_token_only.")]
+    assert len(token) == 4 and all(r["check"] == "verified" for r in token), [r["note"] for r in token]
+    seen = capture_sites(model, [Site("blocks_token_only.0.norm2", "input")], x)
+    stream = seen[Site("blocks_token_only.0.norm2", "input")]
+    assert token[0]["avg_var"] == pytest.approx(direct_stats(stream, 2)[1], rel=1e-5)
